@@ -1,0 +1,218 @@
+"""Model configuration: a typed, validated view of a DeepSeek-V2 family `config.json`."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dsq.errors import DsqError
+
+
+@dataclass(frozen=True)
+class Yarn:
+    """YaRN rope scaling parameters (as in the published V2 / V2-Lite configs)."""
+
+    factor: float = 40.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.707
+    mscale_all_dim: float = 0.707
+
+
+@dataclass(frozen=True)
+class Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Yarn | None = field(default_factory=Yarn)
+    max_position_embeddings: int = 163840
+    bos_token_id: int = 100000
+    eos_token_id: int = 100001
+    tie_word_embeddings: bool = False
+
+    # --- derived -------------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """qk_head_dim^-0.5, times m^2 under YaRN (m = 0.1 * mscale_all_dim * ln(factor) + 1)."""
+        scale = self.qk_head_dim**-0.5
+        y = self.rope_scaling
+        if y is not None and y.mscale_all_dim and y.factor > 1:
+            m = 0.1 * y.mscale_all_dim * math.log(y.factor) + 1.0
+            scale *= m * m
+        return scale
+
+    def is_moe(self, layer: int) -> bool:
+        return (
+            self.n_routed_experts > 0
+            and layer >= self.first_k_dense_replace
+            and layer % self.moe_layer_freq == 0
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # --- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> Config:
+        """Build from a Hugging Face config dict; refuse what dsq does not implement, in one sentence."""
+
+        def refuse(msg: str) -> DsqError:
+            return DsqError(f"{source}: {msg}")
+
+        model_type = hf.get("model_type")
+        if model_type != "deepseek_v2":
+            hint = " (DeepSeek-V3/R1 routing and MTP are not implemented)" if model_type == "deepseek_v3" else ""
+            raise refuse(f"model_type {model_type!r} is not supported; dsq runs DeepSeek-V2 models{hint}")
+        if hf.get("scoring_func", "softmax") != "softmax":
+            raise refuse(f"scoring_func {hf['scoring_func']!r} is not supported (only 'softmax', as in V2)")
+        topk_method = hf.get("topk_method") or "greedy"
+        if topk_method not in ("greedy", "group_limited_greedy"):
+            raise refuse(f"topk_method {topk_method!r} is not supported (greedy, group_limited_greedy)")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise refuse(f"hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                raise refuse(f"{flag}=true is not supported (DeepSeek-V2 has no biases)")
+        heads = hf["num_attention_heads"]
+        if hf.get("num_key_value_heads", heads) != heads:
+            raise refuse("num_key_value_heads must equal num_attention_heads for MLA")
+        missing = [k for k in _REQUIRED if k not in hf]
+        if missing:
+            raise refuse(f"missing field(s) {', '.join(missing)}")
+
+        eos = hf.get("eos_token_id", 100001)
+        cfg = cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            moe_intermediate_size=hf["moe_intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            q_lora_rank=hf.get("q_lora_rank"),
+            kv_lora_rank=hf["kv_lora_rank"],
+            qk_nope_head_dim=hf["qk_nope_head_dim"],
+            qk_rope_head_dim=hf["qk_rope_head_dim"],
+            v_head_dim=hf["v_head_dim"],
+            n_routed_experts=hf.get("n_routed_experts") or 0,
+            n_shared_experts=hf.get("n_shared_experts") or 0,
+            num_experts_per_tok=hf.get("num_experts_per_tok") or 0,
+            first_k_dense_replace=hf.get("first_k_dense_replace", 0),
+            moe_layer_freq=hf.get("moe_layer_freq", 1),
+            topk_method=topk_method,
+            n_group=hf.get("n_group") or 1,
+            topk_group=hf.get("topk_group") or 1,
+            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(_rope_dict(hf).get("rope_theta", hf.get("rope_theta", 10000.0))),
+            rope_scaling=_parse_rope(hf, refuse),
+            max_position_embeddings=hf.get("max_position_embeddings", 163840),
+            bos_token_id=hf.get("bos_token_id", 100000),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        )
+        cfg.validate(refuse)
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Config:
+        path = Path(path)
+        try:
+            hf = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise DsqError(f"{path}: not found; a model folder needs its config.json") from None
+        except json.JSONDecodeError as e:
+            raise DsqError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        return cls.from_hf(hf, source=str(path))
+
+    @classmethod
+    def preset(cls, name: str) -> Config:
+        """The published shapes, so benchmarks and dry runs need no download."""
+        if name not in PRESETS:
+            raise DsqError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+        return PRESETS[name]
+
+    def validate(self, refuse) -> None:
+        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise refuse(f"{name} must be positive, got {getattr(self, name)}")
+        if self.qk_rope_head_dim % 2:
+            raise refuse(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+        if self.n_routed_experts:
+            if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
+                raise refuse(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                             f"[1, n_routed_experts={self.n_routed_experts}]")
+            if self.n_routed_experts % self.n_group:
+                raise refuse(f"n_routed_experts={self.n_routed_experts} is not divisible by n_group={self.n_group}")
+            if not 0 < self.topk_group <= self.n_group:
+                raise refuse(f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
+            if self.topk_method == "group_limited_greedy" and \
+                    self.topk_group * (self.n_routed_experts // self.n_group) < self.num_experts_per_tok:
+                raise refuse("topk_group groups hold fewer experts than num_experts_per_tok")
+
+
+_REQUIRED = ["vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"]
+
+
+def _rope_dict(hf: dict[str, Any]) -> dict[str, Any]:
+    """Published configs carry `rope_scaling` + `rope_theta`; transformers 5 writes `rope_parameters`."""
+    return hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+
+
+def _parse_rope(hf: dict[str, Any], refuse) -> Yarn | None:
+    rope = _rope_dict(hf)
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind == "default":
+        return None
+    if kind != "yarn":
+        raise refuse(f"rope type {kind!r} is not supported (yarn or none)")
+    keys = {f for f in Yarn.__dataclass_fields__ if f in rope and rope[f] is not None}
+    return Yarn(**{k: rope[k] for k in keys})
+
+
+def _preset(**kw: Any) -> Config:
+    common = dict(vocab_size=102400, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                  n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1)
+    return Config(**common, **kw)
+
+
+PRESETS: dict[str, Config] = {
+    "deepseek-v2-lite": _preset(
+        hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27,
+        num_attention_heads=16, q_lora_rank=None, n_routed_experts=64),
+    "deepseek-v2": _preset(
+        hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536, num_hidden_layers=60,
+        num_attention_heads=128, q_lora_rank=1536, n_routed_experts=160, topk_method="group_limited_greedy",
+        n_group=8, topk_group=3, routed_scaling_factor=16.0),
+}

@@ -1,0 +1,152 @@
+"""The on-disk number formats (compressed-tensors conventions) and their plain-torch reference maths.
+
+FP8 `float-quantized`: `weight` float8_e4m3fn with `weight_scale` float32, [out, 1] per output channel or
+[ceil(out/128), ceil(in/128)] per 128x128 block; activations are quantized per token at run time.
+
+INT4 `pack-quantized`: signed values q in [-8, 7] stored as q+8, eight to an int32 word, element k in
+nibble k%8 of word k//8 (lowest column in the lowest nibble): `weight_packed` int32 [out, in/8];
+`weight_scale` bf16 [out, in/group]; asymmetric adds `weight_zero_point` (signed, in [-8, 7]) packed the
+same way along dim 0: [ceil(out/8), in/group]. Dequantized value = (q - zero) * scale.
+
+Everything here is the reference the Triton kernels are tested against; it runs on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+BLOCK = 128  # FP8 block-scale tile (DeepGEMM / DeepSeek-V3 convention)
+
+
+# --- FP8 ---------------------------------------------------------------------------------------------
+def fp8_quantize_weight(w: torch.Tensor, block: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact amax scaling: per output channel ([out, 1]) or per 128x128 block."""
+    w = w.float()
+    if not block:
+        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+        return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    tiles = _to_tiles(w)
+    scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX
+    q = (w / _expand_blocks(scale, w.shape)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+def fp8_dequantize_weight(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 weight from an FP8 weight and its channel ([out, 1]) or block scale."""
+    if scale.shape[1] == 1 and scale.shape[0] == q.shape[0]:
+        return q.float() * scale.float()
+    return q.float() * _expand_blocks(scale.float(), q.shape)
+
+
+def fp8_quantize_act(x: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic activation quantization per token (last dim), or per token and `group`-wide slice.
+
+    Returns (fp8 values, float32 scales of shape [..., 1] or [..., ceil(K/group)])."""
+    x = x.float()
+    if group is None:
+        scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+        return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    k = x.shape[-1]
+    pad = -k % group
+    xp = torch.nn.functional.pad(x, (0, pad)).unflatten(-1, (-1, group))
+    scale = xp.abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX
+    q = (xp / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).flatten(-2)[..., :k]
+    return q.to(FP8), scale
+
+
+def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Reference W8A8: per-token FP8 activations (per 1x128 group under block scales) times FP8 weights.
+
+    Simulated in float32: exactly the products and scales a fused kernel computes."""
+    block = not (scale.shape[1] == 1 and scale.shape[0] == q.shape[0])
+    xq, xs = fp8_quantize_act(x, BLOCK if block else None)
+    if not block:
+        return ((xq.float() @ q.float().t()) * xs * scale.float().t()).to(x.dtype)
+    k = x.shape[-1]
+    xd = (xq.float().unflatten(-1, (-1, BLOCK)) if k % BLOCK == 0 else None)
+    if xd is None:  # pad K to whole groups, then drop the padding
+        xd = torch.nn.functional.pad(xq.float(), (0, -k % BLOCK)).unflatten(-1, (-1, BLOCK))
+    xd = (xd * xs.unsqueeze(-1)).flatten(-2)[..., :k]
+    return (xd @ fp8_dequantize_weight(q, scale).t()).to(x.dtype)
+
+
+def _to_tiles(w: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> [out/128, 128, in/128, 128], zero-padded to whole tiles."""
+    o, i = w.shape
+    w = torch.nn.functional.pad(w, (0, -i % BLOCK, 0, -o % BLOCK))
+    return w.view(w.shape[0] // BLOCK, BLOCK, w.shape[1] // BLOCK, BLOCK)
+
+
+def _expand_blocks(scale: torch.Tensor, shape: torch.Size | tuple[int, int]) -> torch.Tensor:
+    o, i = shape
+    return scale.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:o, :i]
+
+
+# --- INT4 --------------------------------------------------------------------------------------------
+def int4_pack(q: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Signed int4 values (any int dtype, in [-8, 7]) -> int32 words along `dim` (0 or 1), 8 per word."""
+    u = (q.to(torch.int32) + 8) & 0xF
+    if dim == 0:
+        u = u.t()
+    pad = -u.shape[1] % 8
+    u = torch.nn.functional.pad(u, (0, pad)).view(u.shape[0], -1, 8)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=q.device)
+    packed = (u << shifts).sum(dim=-1, dtype=torch.int64)  # < 2^32; wrap into int32's range
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    return packed.t().contiguous() if dim == 0 else packed.contiguous()
+
+
+def int4_unpack(packed: torch.Tensor, n: int, dim: int = 1) -> torch.Tensor:
+    """int32 words -> signed int8 values in [-8, 7]; `n` = unpacked length along `dim`."""
+    p = packed.t() if dim == 0 else packed
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed.device)
+    u = (p.unsqueeze(-1) >> shifts) & 0xF
+    q = (u.flatten(-2)[..., :n] - 8).to(torch.int8)
+    return q.t().contiguous() if dim == 0 else q
+
+
+def int4_quantize(
+    w: torch.Tensor, group: int = 128, symmetric: bool = True, clip: torch.Tensor | float = 1.0
+) -> dict[str, torch.Tensor]:
+    """Round-to-nearest INT4 with per-group scales, the group range shrunk by `clip` ([out, in/group] or a
+    float). The scale is rounded to bf16 first, so the stored scale is the one the values were rounded with.
+
+    Returns the compressed-tensors tensors: weight_packed, weight_scale, weight_shape (+ weight_zero_point)."""
+    out_f, in_f = w.shape
+    assert in_f % group == 0, f"in_features {in_f} is not a multiple of the group size {group}"
+    g = w.float().view(out_f, in_f // group, group)
+    clip = torch.as_tensor(clip, dtype=torch.float32, device=w.device)
+    if symmetric:
+        amax = g.abs().amax(dim=-1) * clip
+        scale = (amax / 7.5).clamp(min=1e-8).to(torch.bfloat16)  # q = round(x/s) in [-8, 7]: amax -> 7.5
+        zero = None
+        q = torch.round(g / scale.float().unsqueeze(-1)).clamp(-8, 7)
+    else:
+        lo = g.amin(dim=-1).clamp(max=0) * clip
+        hi = g.amax(dim=-1).clamp(min=0) * clip
+        scale = ((hi - lo) / 15).clamp(min=1e-8).to(torch.bfloat16)
+        zero = torch.round(-8 - lo / scale.float()).clamp(-8, 7)
+        q = (torch.round(g / scale.float().unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(-8, 7)
+    out = {
+        "weight_packed": int4_pack(q.view(out_f, in_f).to(torch.int8)),
+        "weight_scale": scale,
+        "weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64),
+    }
+    if zero is not None:
+        out["weight_zero_point"] = int4_pack(zero.to(torch.int8), dim=0)
+    return out
+
+
+def int4_dequantize(
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None
+) -> torch.Tensor:
+    """float32 [out, in] from weight_packed [out, in/8], weight_scale [out, in/group] (+ packed zero point)."""
+    out_f, n_groups = scale.shape
+    in_f = packed.shape[1] * 8
+    group = in_f // n_groups
+    q = int4_unpack(packed, in_f).float().view(out_f, n_groups, group)
+    if zero is not None:
+        q = q - int4_unpack(zero, out_f, dim=0).float().unsqueeze(-1)
+    return (q * scale.float().unsqueeze(-1)).view(out_f, in_f)
