@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +13,28 @@ from dsq.errors import DsqError
 
 @dataclass(frozen=True)
 class Yarn:
-    """YaRN rope scaling parameters (as in the published V2 / V2-Lite configs)."""
+    """YaRN rope scaling parameters; an absent mscale is 0, as the reference reads it."""
 
     factor: float = 40.0
     original_max_position_embeddings: int = 4096
     beta_fast: float = 32.0
     beta_slow: float = 1.0
-    mscale: float = 0.707
-    mscale_all_dim: float = 0.707
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+
+    @staticmethod
+    def _m(factor: float, mscale: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+    @property
+    def attention_factor(self) -> float:
+        """Multiplies rope's cos/sin: m(f, mscale) / m(f, mscale_all_dim), = 1 for the published models."""
+        if self.mscale and self.mscale_all_dim:
+            return self._m(self.factor, self.mscale) / self._m(self.factor, self.mscale_all_dim)
+        return self._m(self.factor)
+
+
+PUBLISHED_YARN = Yarn(mscale=0.707, mscale_all_dim=0.707)
 
 
 @dataclass(frozen=True)
@@ -48,7 +62,7 @@ class Config:
     routed_scaling_factor: float = 1.0
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: Yarn | None = field(default_factory=Yarn)
+    rope_scaling: Yarn | None = PUBLISHED_YARN
     max_position_embeddings: int = 163840
     bos_token_id: int = 100000
     eos_token_id: int = 100001
@@ -64,9 +78,8 @@ class Config:
         """qk_head_dim^-0.5, times m^2 under YaRN (m = 0.1 * mscale_all_dim * ln(factor) + 1)."""
         scale = self.qk_head_dim**-0.5
         y = self.rope_scaling
-        if y is not None and y.mscale_all_dim and y.factor > 1:
-            m = 0.1 * y.mscale_all_dim * math.log(y.factor) + 1.0
-            scale *= m * m
+        if y is not None and y.mscale_all_dim:
+            scale *= Yarn._m(y.factor, y.mscale_all_dim) ** 2
         return scale
 
     def is_moe(self, layer: int) -> bool:

@@ -1,0 +1,133 @@
+"""The Python API: `load_quantized()` and the model object it returns."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, overload
+
+import torch
+
+from dsq.checkpoint import resolve
+from dsq.errors import DsqError
+from dsq.generate import Sampling, generate, steps
+from dsq.loader import load_model
+from dsq.model import Transformer
+from dsq.tokenizer import TextStream, Tokenizer
+
+BACKENDS = ("torch", "triton")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def load_quantized(
+    path_or_repo: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    max_seq_len: int | None = None,
+    revision: str | None = None,
+    backend: str | None = None,
+    **options: Any,
+) -> Model:
+    """Load a dsq-quantized folder, or an unquantized DeepSeek-V2 checkpoint as it is, from a local folder
+    or a Hub repo id. dtype defaults to bfloat16 on GPU and float32 on CPU; backend to "triton" on GPU
+    (the fused kernels) and "torch" elsewhere (the plain-torch reference maths)."""
+    if options:
+        raise DsqError(f"unknown option(s) {', '.join(sorted(options))} for load_quantized")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DsqError("device cuda: no CUDA GPU is visible; use device='cpu'")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise DsqError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    backend = backend or ("triton" if device.type == "cuda" else "torch")
+    if backend not in BACKENDS:
+        raise DsqError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    folder = resolve(path_or_repo, revision)
+    net = load_model(folder, device, dtype)
+    for module in net.modules():
+        if hasattr(module, "backend"):
+            module.backend = backend
+    tokenizer = Tokenizer(folder) if (folder / "tokenizer.json").exists() else None
+    return Model(net, tokenizer, folder, max_seq_len)
+
+
+class Model:
+    """A loaded model: full-forward logits, batched generation, and chat in the model's template."""
+
+    def __init__(self, net: Transformer, tokenizer: Tokenizer | None, folder: Path, max_seq_len: int | None = None):
+        self.net, self.tokenizer, self.folder = net, tokenizer, folder
+        self.cfg = net.cfg
+        self.max_seq_len = min(max_seq_len or net.cfg.max_position_embeddings, net.cfg.max_position_embeddings)
+
+    @property
+    def device(self) -> torch.device:
+        return self.net.inv_freq.device
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """float32 logits [B, T, vocab] of a full forward from an empty cache."""
+        if input_ids.dim() != 2:
+            raise DsqError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.cfg.vocab_size:
+            raise DsqError(f"input_ids must be in [0, {self.cfg.vocab_size})")
+        ids = input_ids.to(self.device)
+        pos = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
+        return self.net(ids, pos)
+
+    @overload
+    def generate(self, prompts: str, **kw: Any) -> str: ...
+    @overload
+    def generate(self, prompts: list[int], **kw: Any) -> list[int]: ...
+    @overload
+    def generate(self, prompts: list[str], **kw: Any) -> list[str]: ...
+    @overload
+    def generate(self, prompts: list[list[int]], **kw: Any) -> list[list[int]]: ...
+
+    def generate(self, prompts, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, stop: list[str] | None = None, seed: int | None = None,
+                 on_token: Callable[[int, int], None] | None = None):
+        """Complete one prompt or a batch: token ids in, token ids out; text in, text out (needs a tokenizer).
+        Greedy at temperature 0; stops at eos, at any `stop` string (cut from the text), or after
+        max_new_tokens. `on_token(i, token_id)` streams every new token of prompt i."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        batch = [prompts] if single else list(prompts)
+        text = bool(batch) and isinstance(batch[0], str)
+        if (text or stop) and self.tokenizer is None:
+            raise DsqError(f"{self.folder}: no tokenizer.json, so text prompts and stop strings can't be used")
+        ids = [self.tokenizer.encode(p) for p in batch] if text else batch
+        stop_fn = None
+        if stop:
+            def stop_fn(i: int, tokens: list[int]) -> bool:
+                return any(s in self.tokenizer.decode(tokens) for s in stop)
+        out = generate(self.net, ids, max_new_tokens, Sampling(temperature, top_k, top_p), self.cfg.eos_token_id,
+                       stop_fn, on_token, seed, self.max_seq_len)
+        if text:
+            out = [self._cut(self.tokenizer.decode(t), stop) for t in out]
+        return out[0] if single else out
+
+    def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 512, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
+             seed: int | None = None) -> Iterator[str]:
+        """Stream the assistant's reply to a conversation ([{"role": ..., "content": ...}]) as text pieces."""
+        if self.tokenizer is None:
+            raise DsqError(f"{self.folder}: no tokenizer.json, so chat is not possible")
+        ids = self.tokenizer.encode_chat(messages)
+        stream, text = TextStream(self.tokenizer), ""
+        for (token,) in steps(self.net, [ids], max_new_tokens, Sampling(temperature, top_k, top_p), seed,
+                              self.max_seq_len):
+            if token == self.cfg.eos_token_id:
+                return
+            piece = stream.push(token)
+            if stop and any(s in text + piece for s in stop):
+                yield self._cut(text + piece, stop)[len(text):]
+                return
+            text += piece
+            yield piece
+
+    @staticmethod
+    def _cut(text: str, stop: list[str] | None) -> str:
+        for s in stop or []:
+            text = text.split(s, 1)[0]
+        return text

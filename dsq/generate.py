@@ -1,0 +1,111 @@
+"""Prefill then decode through the latent cache, for a batch of prompts of different lengths."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from dsq.errors import DsqError
+from dsq.model import Transformer
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise DsqError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise DsqError(f"--top-k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise DsqError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token [B] from float32 logits [B, V]."""
+    if s.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / s.temperature
+    if s.top_k:
+        kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > s.top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def steps(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    seed: int | None = None,
+    context: int | None = None,
+) -> Iterator[list[int]]:
+    """Yield the next token of every prompt, step by step: a prefill, then one absorbed decode per step.
+    Stop iterating to stop early. `context` caps prompt + new tokens (default: the model's)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise DsqError("every prompt needs at least one token")
+    vocab = model.cfg.vocab_size
+    if any(not 0 <= t < vocab for p in prompts for t in p):
+        raise DsqError(f"prompt token ids must be in [0, {vocab})")
+    context = context or model.cfg.max_position_embeddings
+    device = model.inv_freq.device
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    width = int(lens.max())
+    if width + max_new_tokens > context:
+        raise DsqError(f"prompt ({width} tokens) + max new tokens ({max_new_tokens}) exceeds the context of "
+                       f"{context} tokens; shorten the prompt or ask for fewer tokens")
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):  # right-padded: padding sits past each prompt, where nothing attends
+        tokens[i, : len(p)] = torch.tensor(p)
+    cache = model.new_cache(len(prompts), width + max_new_tokens)
+    pos = torch.arange(width, device=device).expand_as(tokens)
+    logits = model(tokens, pos, cache, absorb=False, last=lens - 1)
+    for step in range(max_new_tokens):
+        nxt = sample(logits, sampling, generator)
+        yield nxt.tolist()
+        if step < max_new_tokens - 1:
+            logits = model(nxt[:, None], (lens + step)[:, None], cache, absorb=True, last=torch.zeros_like(lens))
+
+
+def generate(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    eos_id: int | None = None,
+    stop: Callable[[int, list[int]], bool] | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+    seed: int | None = None,
+    context: int | None = None,
+) -> list[list[int]]:
+    """New tokens for each prompt (eos not included). `stop(i, tokens)` ends sequence i early;
+    `on_token(i, token)` sees every token as it is made."""
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for tokens in steps(model, prompts, max_new_tokens, sampling, seed, context):
+        for i, t in enumerate(tokens):
+            if done[i]:
+                continue
+            if t == eos_id:
+                done[i] = True
+                continue
+            out[i].append(t)
+            if on_token is not None:
+                on_token(i, t)
+            done[i] = stop is not None and stop(i, out[i])
+        if all(done):
+            break
+    return out

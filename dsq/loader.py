@@ -1,0 +1,127 @@
+"""Build a Transformer from a checkpoint folder: config -> modules in the declared formats -> tensors.
+
+One table maps Hugging Face names onto dsq's; per-expert tensors land in one slot of a stacked weight."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dsq.checkpoint import Checkpoint
+from dsq.config import Config
+from dsq.errors import DsqError
+from dsq.layers import Experts, Linear, Scheme
+from dsq.model import Transformer
+
+# Hugging Face name component -> dsq name component.
+RENAME = {
+    "embed_tokens": "embed", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn": "attn", "q_proj": "wq", "q_a_proj": "wq_a", "q_a_layernorm": "q_norm", "q_b_proj": "wq_b",
+    "kv_a_proj_with_mqa": "wkv_a", "kv_a_layernorm": "kv_norm", "kv_b_proj": "wkv_b", "o_proj": "wo",
+    "mlp": "ffn", "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3", "shared_experts": "shared",
+    "lm_head": "head",
+}
+HF_NAME = {v: k for k, v in RENAME.items()}
+EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(w[123])\.(\w+)$")
+
+
+def dsq_name(hf: str) -> tuple[str, int | None]:
+    """`model.layers.1.mlp.experts.7.gate_proj.weight` -> (`layers.1.ffn.experts.w1.weight`, 7)."""
+    name = ".".join(RENAME.get(p, p) for p in hf.removeprefix("model.").split("."))
+    m = EXPERT.match(name)
+    return (f"{m[1]}.{m[3]}.{m[4]}", int(m[2])) if m else (name, None)
+
+
+def hf_module(name: str, expert: int | None = None) -> str:
+    """dsq module name -> Hugging Face module name (`experts.w1` of expert e -> `experts.e.gate_proj`)."""
+    parts = [HF_NAME.get(p, p) for p in name.split(".")]
+    if expert is not None:
+        parts.insert(-1, str(expert))
+    hf = ".".join(parts)
+    return hf if hf == "lm_head" else f"model.{hf}"
+
+
+def swap_formats(model: Transformer, scheme: Scheme, dtype: torch.dtype) -> None:
+    """Replace each Linear / Experts built by the model with the format the checkpoint declares."""
+    for name, module in list(model.named_modules()):
+        parent, _, attr = name.rpartition(".")
+        if isinstance(module, Experts):
+            makes = {scheme.format(hf_module(f"{name}.w1", e)) for e in range(module.n_experts)}
+            makes |= {scheme.format(hf_module(f"{name}.{w}", 0)) for w in ("w2", "w3")}
+            if len({_key(m) for m in makes}) != 1:
+                raise DsqError(f"{scheme.where}: the routed experts of {hf_module(name)} mix formats; "
+                               "dsq needs one format for all experts of a layer")
+            new: nn.Module = Experts(module.n_experts, module.w1.in_features, module.w1.out_features,
+                                     make=makes.pop(), dtype=dtype)
+        elif type(module) is Linear and ".experts." not in f"{name}.":
+            new = scheme.format(hf_module(name))(module.in_features, module.out_features, dtype=dtype)
+        else:
+            continue
+        model.get_submodule(parent).register_module(attr, new) if parent else setattr(model, attr, new)
+
+
+def _key(make) -> tuple:
+    """Comparable identity of a module factory (a class or a functools.partial of one)."""
+    return (getattr(make, "func", make), tuple(sorted(getattr(make, "keywords", {}).items())))
+
+
+def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> Transformer:
+    hf_cfg_path = folder / "config.json"
+    if not hf_cfg_path.exists():
+        raise DsqError(f"{hf_cfg_path}: not found; a model folder needs its config.json")
+    hf_cfg = json.loads(hf_cfg_path.read_text())
+    cfg = Config.from_hf(hf_cfg, source=str(hf_cfg_path))
+    scheme = Scheme(hf_cfg.get("quantization_config"), where=str(hf_cfg_path))
+    ckpt = Checkpoint(folder)
+    with torch.device("meta"):
+        model = Transformer(cfg, dtype)
+    swap_formats(model, scheme, dtype)
+    model.to_empty(device=device)
+    model.init_rope()
+    load_tensors(model, ckpt, device)
+    return model.eval()
+
+
+def load_tensors(model: Transformer, ckpt: Checkpoint, device: torch.device) -> None:
+    """Copy every checkpoint tensor into its slot; name the missing, unexpected and misshapen ones."""
+    targets = dict(model.named_parameters()) | dict(model.named_buffers())
+    targets.pop("inv_freq")
+    pending = {n: set(range(model.get_submodule(n.rsplit(".", 2)[0]).n_experts)) if ".experts." in n else None
+               for n in targets}
+    unexpected = []
+    for hf in ckpt.files:
+        name, expert = dsq_name(hf)
+        if name not in targets:
+            unexpected.append(hf)
+            continue
+        dst = targets[name] if expert is None else targets[name][expert]
+        shape = ckpt.shape(hf)
+        if list(dst.shape) != shape:
+            raise DsqError(f"{ckpt.folder}: tensor {hf} has shape {shape}, the config implies {list(dst.shape)}")
+        src = ckpt.get(hf, device)
+        if src.is_floating_point() != dst.is_floating_point() or (dst.element_size() == 1 and src.dtype != dst.dtype):
+            raise DsqError(f"{ckpt.folder}: tensor {hf} is {src.dtype}, expected {dst.dtype} for this format")
+        dst.copy_(src)
+        if expert is None:
+            pending.pop(name, None)
+        else:
+            pending[name].discard(expert)
+            if not pending[name]:
+                pending.pop(name)
+    if model.cfg.tie_word_embeddings and "head.weight" in pending:
+        model.head.weight = model.embed.weight
+        pending.pop("head.weight")
+    if pending:
+        missing = [hf_module(n.rsplit(".", 1)[0], None if e is None else min(e)) + "." + n.rsplit(".", 1)[1]
+                   for n, e in pending.items()]
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise DsqError(f"{ckpt.folder}: missing tensor(s) {', '.join(missing[:3])}{more}; "
+                       "the checkpoint is incomplete or not made for this config")
+    if unexpected:
+        more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
+        raise DsqError(f"{ckpt.folder}: unexpected tensor(s) {', '.join(unexpected[:3])}{more}; "
+                       "the config.json does not describe these weights")

@@ -1,0 +1,211 @@
+"""DeepSeek-V2 in plain PyTorch: MLA attention over a latent cache, DeepSeekMoE, YaRN rope.
+
+Names are short (DeepSeek-V3 inference style); dsq/loader.py maps the Hugging Face names onto them.
+Every weight matmul goes through dsq.layers (Linear / Experts), where quantized formats swap in."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsq.cache import LatentCache
+from dsq.config import Config
+from dsq.layers import Experts, Linear
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_frequencies(cfg: Config) -> torch.Tensor:
+    """Inverse frequencies [R/2], YaRN-corrected: inv = (f / factor) * ramp + f * (1 - ramp)."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    y = cfg.rope_scaling
+    if y is None:
+        return freqs
+
+    def corr_dim(rotations: float) -> float:
+        return dim * math.log(y.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(corr_dim(y.beta_fast)), 0)
+    high = min(math.ceil(corr_dim(y.beta_slow)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
+    return freqs / y.factor * ramp + freqs * (1 - ramp)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) by the angle whose cos/sin are given ([..., R/2]), in fp32."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+class MLA(nn.Module):
+    """Multi-head latent attention. Naive path (prefill): expand K/V per head from the latent.
+    Absorbed path (decode): fold W_UK into the query and W_UV after attention, attending the latent cache."""
+
+    def __init__(self, cfg: Config, dtype: torch.dtype):
+        super().__init__()
+        d, h = cfg.hidden_size, cfg.num_attention_heads
+        self.h, self.p, self.r, self.v, self.c = (h, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
+                                                  cfg.kv_lora_rank)
+        self.scale = cfg.softmax_scale
+        if cfg.q_lora_rank:
+            self.wq_a = Linear(d, cfg.q_lora_rank, dtype=dtype)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype)
+            self.wq_b = Linear(cfg.q_lora_rank, h * (self.p + self.r), dtype=dtype)
+        else:
+            self.wq = Linear(d, h * (self.p + self.r), dtype=dtype)
+        self.wkv_a = Linear(d, self.c + self.r, dtype=dtype)
+        self.kv_norm = RMSNorm(self.c, cfg.rms_norm_eps, dtype)
+        self.wkv_b = Linear(self.c, h * (self.p + self.v), dtype=dtype)
+        self.wo = Linear(h * self.v, d, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: LatentCache | None, layer: int, absorb: bool) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
+        q_nope, q_pe = q.view(b, t, self.h, self.p + self.r).split([self.p, self.r], dim=-1)
+        cos, sin = rope
+        q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None])
+        kv, k_pe = self.wkv_a(x).split([self.c, self.r], dim=-1)
+        kv, k_pe = self.kv_norm(kv), apply_rope(k_pe, cos, sin)
+        if cache is not None:
+            cache.write(layer, pos, kv, k_pe)
+        if absorb:
+            o = self._absorbed(q_nope, q_pe, pos, *cache.read(layer))
+        else:
+            o = self._naive(q_nope, q_pe, kv, k_pe, pos)
+        return self.wo(o.flatten(2))
+
+    def _naive(self, q_nope, q_pe, kv, k_pe, pos) -> torch.Tensor:
+        b, t = pos.shape
+        k_nope, v = self.wkv_b(kv).view(b, t, self.h, self.p + self.v).split([self.p, self.v], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.h, -1)], dim=-1).transpose(1, 2)
+        mask = pos[:, None, :, None] >= pos[:, None, None, :]  # a query sees keys at positions <= its own
+        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, scale=self.scale)
+        return o.transpose(1, 2)
+
+    def _absorbed(self, q_nope, q_pe, pos, kv, pe) -> torch.Tensor:
+        w = self.wkv_b.dequantize().view(self.h, self.p + self.v, self.c).float()
+        w_uk, w_uv = w[:, : self.p], w[:, self.p :]
+        q_lat = torch.einsum("bthp,hpc->bthc", q_nope.float(), w_uk)
+        scores = torch.einsum("bthc,bsc->bhts", q_lat, kv.float()) + torch.einsum(
+            "bthr,bsr->bhts", q_pe.float(), pe.float())
+        seen = torch.arange(kv.shape[1], device=pos.device) <= pos[:, None, :, None]
+        probs = (scores * self.scale).masked_fill(~seen, float("-inf")).softmax(dim=-1)
+        o_lat = torch.einsum("bhts,bsc->bthc", probs, kv.float())
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv).to(q_nope.dtype)
+
+
+class Gate(nn.Module):
+    """Router: softmax scores in fp32, greedy or group-limited top-k, then normalise or scale the weights."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.k, self.groups, self.topk_groups = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.group_limited = cfg.topk_method == "group_limited_greedy"
+        self.norm, self.scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
+        if self.group_limited:
+            n = scores.shape[0]
+            best = scores.view(n, self.groups, -1).amax(dim=-1).topk(self.topk_groups, dim=-1).indices
+            keep = torch.zeros(n, self.groups, dtype=torch.bool, device=x.device).scatter_(1, best, True)
+            scores = scores.masked_fill(~keep.repeat_interleave(scores.shape[1] // self.groups, dim=1), 0.0)
+        weight, idx = scores.topk(self.k, dim=-1, sorted=False)
+        if self.k > 1 and self.norm:
+            return weight / (weight.sum(dim=-1, keepdim=True) + 1e-20), idx
+        return weight * self.scale, idx
+
+
+class MLP(nn.Module):
+    """SwiGLU: the dense layers and the shared experts."""
+
+    def __init__(self, dim: int, inter: int, dtype: torch.dtype):
+        super().__init__()
+        self.w1, self.w2, self.w3 = Linear(dim, inter, dtype=dtype), Linear(inter, dim, dtype=dtype), \
+            Linear(dim, inter, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: Config, dtype: torch.dtype):
+        super().__init__()
+        d = cfg.hidden_size
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, d, cfg.moe_intermediate_size, dtype=dtype)
+        self.shared = MLP(d, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype) if cfg.n_shared_experts else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weight, idx = self.gate(flat)
+        y = self.experts(flat, idx, weight).view_as(x)
+        return y + self.shared(x) if self.shared is not None else y
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, layer: int, dtype: torch.dtype):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.attn = MLA(cfg, dtype)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.ffn = MoE(cfg, dtype) if cfg.is_moe(layer) else MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
+
+    def forward(self, x, pos, rope, cache, absorb) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), pos, rope, cache, self.layer, absorb)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.cfg, self.dtype = cfg, dtype
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(Block(cfg, i, dtype) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
+        self.register_buffer("inv_freq", torch.empty(cfg.qk_rope_head_dim // 2), persistent=False)
+        self.requires_grad_(False)
+
+    def init_rope(self) -> None:
+        """Fill the rope frequencies (buffers are empty after building on the meta device)."""
+        self.inv_freq.copy_(rope_frequencies(self.cfg))
+
+    def new_cache(self, batch: int, max_len: int) -> LatentCache:
+        cfg = self.cfg
+        return LatentCache(cfg.num_hidden_layers, batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
+                           self.dtype, self.inv_freq.device)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache: LatentCache | None = None,
+                absorb: bool = False, last: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits of tokens [B, T] at positions pos [B, T]: all [B, T, V], or at column `last` [B]
+        of each row: [B, V]. New latents go into `cache` when given; `absorb` attends through the cache."""
+        angle = pos[..., None].float() * self.inv_freq
+        y = self.cfg.rope_scaling
+        factor = y.attention_factor if y is not None else 1.0
+        rope = (angle.cos() * factor, angle.sin() * factor)
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x, pos, rope, cache, absorb)
+        if last is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last]
+        return self.head(self.norm(x)).float()
