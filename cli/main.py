@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Annotated, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -40,5 +40,61 @@ def command(fn: F) -> F:
     return app.command()(wrapper)
 
 
+ModelArg = Annotated[str, typer.Argument(help="A model folder or a Hugging Face Hub repo id (owner/name).")]
+Device = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
+Revision = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")]  # noqa: UP045
+
+
+@command
+def generate(
+    model: ModelArg,
+    prompt: Annotated[str, typer.Option(help="The text to complete (with --ids: token ids, e.g. '1 2 3').")],
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 is greedy; higher samples more freely.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 turns it off).")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest tokens (0 turns it off).")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,  # noqa: UP045
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop at this string (repeatable).")] = None,  # noqa: UP045
+    ids: Annotated[bool, typer.Option("--ids", help="Take and print token ids instead of text.")] = False,
+    device: Device = "cpu",
+    revision: Revision = None,
+) -> None:
+    """Complete a prompt and print the completion as it is generated."""
+    from dsq import load_quantized
+    from dsq.tokenizer import TextStream
+
+    if ids:
+        try:
+            prompt_ids = [int(t) for t in prompt.replace(",", " ").split()]
+        except ValueError:
+            raise DsqError(f"--prompt {prompt!r}: with --ids, give whitespace-separated integers") from None
+    with console.status("loading model"):
+        m = load_quantized(model, device=device, revision=revision)
+    if ids:
+        out = m.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                         top_k=top_k, seed=seed)
+        console.print(" ".join(map(str, out)), highlight=False)
+        return
+    if m.tokenizer is None:
+        raise DsqError(f"{model}: no tokenizer.json; pass token ids with --ids")
+    stream = TextStream(m.tokenizer)
+    text = m.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                      seed=seed, stop=stop, on_token=lambda _, t: None if stop else print(stream.push(t), end="",
+                                                                                           flush=True))
+    print(text if stop else "")
+
+
+@command
+def inspect(model: ModelArg, revision: Revision = None) -> None:
+    """Print a checkpoint's config, its quantization scheme, and parameters and bytes by role."""
+    from dsq.inspect import describe
+
+    describe(model, revision, console)
+
+
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

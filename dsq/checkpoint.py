@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,6 +90,10 @@ class Checkpoint:
     def shape(self, name: str) -> list[int]:
         return self._handle(name).get_slice(name).get_shape()
 
+    def dtype(self, name: str) -> str:
+        """The stored dtype as safetensors spells it (BF16, F8_E4M3, I32, ...), read from the header."""
+        return self._handle(name).get_slice(name).get_dtype()
+
     def get(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor, checked for NaN/Inf when it is floating point."""
         try:
@@ -112,3 +117,23 @@ class Checkpoint:
     def items(self, device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.files:
             yield name, self.get(name, device)
+
+
+ROLES = (  # (pattern on a HF tensor name, role); first match wins
+    (re.compile(r".*\.mlp\.experts\.\d+\."), "experts"),
+    (re.compile(r".*\.mlp\.shared_experts\."), "shared"),
+    (re.compile(r".*\.mlp\.gate\.weight$"), "router"),
+    (re.compile(r".*\.mlp\.(gate|up|down)_proj\."), "dense"),
+    (re.compile(r".*\.self_attn\.\w+_proj(_with_mqa)?\."), "attention"),
+    (re.compile(r".*norm\.weight$"), "norm"),
+    (re.compile(r"model\.embed_tokens\."), "embed"),
+    (re.compile(r"lm_head\."), "head"),
+)
+
+
+def role(name: str) -> str:
+    """What a tensor is for, by its HF name: attention, dense, shared, experts, router, norm, embed, head."""
+    for pattern, r in ROLES:
+        if pattern.match(name):
+            return r
+    return "other"
