@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import functools
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Optional, TypeVar
 
 import typer
+from dsq.cli.quantize import quantize
 from rich.console import Console
 
 from dsq.errors import DsqError
@@ -90,6 +93,25 @@ def inspect(model: ModelArg, revision: Revision = None) -> None:
     from dsq.inspect import describe
 
     describe(model, revision, console)
+
+
+@command
+def demo(
+    folder: Annotated[Optional[Path], typer.Option("--dir", help="Where to write the demo checkpoint "  # noqa: UP045
+                                                   "(default: a temporary folder, removed afterwards).")] = None,
+    device: Device = "cpu",
+) -> None:
+    """Run dsq end to end on a tiny random-weight DeepSeek-V2: no GPU, no download."""
+    from dsq.demo import run_demo
+
+    if folder is not None:
+        run_demo(folder, device, console)
+        return
+    with tempfile.TemporaryDirectory(prefix="dsq-demo-") as tmp:
+        run_demo(Path(tmp), device, console)
+
+
+command(quantize)
 
 
 def main() -> None:

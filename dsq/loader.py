@@ -45,6 +45,23 @@ def hf_module(name: str, expert: int | None = None) -> str:
     return hf if hf == "lm_head" else f"model.{hf}"
 
 
+def hf_tensors(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor an unquantized checkpoint of this config holds: HF name -> shape."""
+    with torch.device("meta"):
+        model = Transformer(cfg, torch.bfloat16)
+    out = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name == "inv_freq":
+            continue
+        module, _, attr = name.rpartition(".")
+        if ".experts." in name:
+            for e in range(t.shape[0]):
+                out[f"{hf_module(module, e)}.{attr}"] = tuple(t.shape[1:])
+        else:
+            out[f"{hf_module(module)}.{attr}"] = tuple(t.shape)
+    return out
+
+
 def swap_formats(model: Transformer, scheme: Scheme, dtype: torch.dtype) -> None:
     """Replace each Linear / Experts built by the model with the format the checkpoint declares."""
     for name, module in list(model.named_modules()):
