@@ -88,6 +88,30 @@ def generate(
 
 
 @command
+def chat(
+    model: ModelArg,
+    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,  # noqa: UP045
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per reply.")] = 512,
+    temperature: Annotated[float, typer.Option(help="0 is greedy; higher samples more freely.")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 turns it off).")] = 0.95,
+    top_k: Annotated[int, typer.Option(help="Sample among the k likeliest tokens (0 turns it off).")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,  # noqa: UP045
+    context: Annotated[int, typer.Option(min=16, help="Context length in tokens (cache size).")] = 4096,
+    device: Device = "cpu",
+    revision: Revision = None,
+) -> None:
+    """Chat with a model in the terminal, in its chat template; the reply streams as it is generated."""
+    from dsq import load_quantized
+    from dsq.chat import run_chat
+    from dsq.generate import Sampling
+
+    sampling = Sampling(temperature, top_k, top_p)
+    with console.status("loading model"):
+        m = load_quantized(model, device=device, revision=revision, max_seq_len=context)
+    run_chat(m, sampling, max_new_tokens, context, system, seed, console)
+
+
+@command
 def inspect(model: ModelArg, revision: Revision = None) -> None:
     """Print a checkpoint's config, its quantization scheme, and parameters and bytes by role."""
     from dsq.inspect import describe

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dsq.cache import LatentCache
 from dsq.errors import DsqError
 from dsq.model import Transformer
 
@@ -26,6 +27,9 @@ class Sampling:
             raise DsqError(f"--top-k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise DsqError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+GREEDY = Sampling()
 
 
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -48,12 +52,15 @@ def steps(
     model: Transformer,
     prompts: list[list[int]],
     max_new_tokens: int,
-    sampling: Sampling = Sampling(),
+    sampling: Sampling = GREEDY,
     seed: int | None = None,
     context: int | None = None,
+    cache: LatentCache | None = None,
+    start: list[int] | None = None,
 ) -> Iterator[list[int]]:
     """Yield the next token of every prompt, step by step: a prefill, then one absorbed decode per step.
-    Stop iterating to stop early. `context` caps prompt + new tokens (default: the model's)."""
+    Stop iterating to stop early. `context` caps prompt + new tokens (default: the model's). With a `cache`
+    whose first `start[i]` positions already hold sequence i, the prompts continue it (multi-turn chat)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise DsqError("every prompt needs at least one token")
     vocab = model.cfg.vocab_size
@@ -61,30 +68,34 @@ def steps(
         raise DsqError(f"prompt token ids must be in [0, {vocab})")
     context = context or model.cfg.max_position_embeddings
     device = model.inv_freq.device
+    first = torch.tensor(start or [0] * len(prompts), device=device)
     lens = torch.tensor([len(p) for p in prompts], device=device)
     width = int(lens.max())
-    if width + max_new_tokens > context:
-        raise DsqError(f"prompt ({width} tokens) + max new tokens ({max_new_tokens}) exceeds the context of "
-                       f"{context} tokens; shorten the prompt or ask for fewer tokens")
+    end = int((first + lens).max()) + max_new_tokens
+    if end > context:
+        raise DsqError(f"prompt ({int((first + lens).max())} tokens) + max new tokens ({max_new_tokens}) exceeds "
+                       f"the context of {context} tokens; shorten the prompt or ask for fewer tokens")
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):  # right-padded: padding sits past each prompt, where nothing attends
         tokens[i, : len(p)] = torch.tensor(p)
-    cache = model.new_cache(len(prompts), width + max_new_tokens)
-    pos = torch.arange(width, device=device).expand_as(tokens)
-    logits = model(tokens, pos, cache, absorb=False, last=lens - 1)
+    if cache is None:
+        cache = model.new_cache(len(prompts), end)
+    pos = first[:, None] + torch.arange(width, device=device)
+    logits = model(tokens, pos, cache, absorb=bool(first.any()), last=lens - 1)
     for step in range(max_new_tokens):
         nxt = sample(logits, sampling, generator)
         yield nxt.tolist()
         if step < max_new_tokens - 1:
-            logits = model(nxt[:, None], (lens + step)[:, None], cache, absorb=True, last=torch.zeros_like(lens))
+            at = (first + lens + step)[:, None]
+            logits = model(nxt[:, None], at, cache, absorb=True, last=torch.zeros_like(lens))
 
 
 def generate(
     model: Transformer,
     prompts: list[list[int]],
     max_new_tokens: int,
-    sampling: Sampling = Sampling(),
+    sampling: Sampling = GREEDY,
     eos_id: int | None = None,
     stop: Callable[[int, list[int]], bool] | None = None,
     on_token: Callable[[int, int], None] | None = None,

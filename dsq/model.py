@@ -84,7 +84,9 @@ class MLA(nn.Module):
         if cache is not None:
             cache.write(layer, pos, kv, k_pe)
         if absorb:
-            o = self._absorbed(q_nope, q_pe, pos, *cache.read(layer))
+            kv_all, pe_all = cache.read(layer)
+            used = int(pos.max()) + 1  # slots past every query's position are masked anyway
+            o = self._absorbed(q_nope, q_pe, pos, kv_all[:, :used], pe_all[:, :used])
         else:
             o = self._naive(q_nope, q_pe, kv, k_pe, pos)
         return self.wo(o.flatten(2))

@@ -1,0 +1,89 @@
+"""`dsq chat` driven the way a person drives it, in a pseudo-terminal; and the session's cache reuse."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+from tiny import make_tiny
+
+import dsq
+from dsq.chat import ChatSession
+from dsq.demo import write_tokenizer
+from dsq.generate import Sampling
+
+PLAIN = {**os.environ, "TERM": "dumb"}  # rich writes no escape codes to match around
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    path = make_tiny(tmp_path_factory.mktemp("chat"), "lite")
+    write_tokenizer(path, 1000)
+    return path
+
+
+def test_continuing_the_cache_equals_recomputing(chat_model):
+    model = dsq.load_quantized(chat_model)
+    session = ChatSession(model, context=512, system="Be brief.")
+    hot = Sampling(temperature=1.0)
+    first = "".join(session.reply("Hello there", hot, max_new_tokens=10, seed=1))
+    used = session.used
+    second = "".join(session.reply("Tell me more.", hot, max_new_tokens=10, seed=2))
+    assert session.used > used  # the second turn added to the cache instead of starting over
+    history = [{"role": "system", "content": "Be brief."}, *session.messages[:-1]]
+    redo = model.generate(model.tokenizer.encode_chat(history), max_new_tokens=10, temperature=1.0, seed=2)
+    assert second == model.tokenizer.decode(redo).rstrip("\ufffd")
+    assert first and session.messages[1]["content"] == first.strip()
+
+
+def test_context_full_drops_oldest_turns(chat_model):
+    session = ChatSession(dsq.load_quantized(chat_model), context=96)
+    for i in range(6):
+        "".join(session.reply(f"message number {i} " * 3, max_new_tokens=8))
+    assert session.dropped > 0
+    assert session.messages[0]["content"] != "message number 0 " * 3
+    assert session.used <= 96
+
+
+def test_chat_in_a_terminal(chat_model):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "dsq.cli.main", "chat", str(chat_model), "--temperature", "0",
+                                           "--max-new-tokens", "6", "--context", "4096"],
+                          timeout=120, encoding="utf-8", dimensions=(40, 200), env=PLAIN)
+    child.expect("/help for commands")
+    child.expect("> ")
+    child.sendline("Hello")
+    child.expect(r"6 tokens · [\d.]+ tok/s · context \d+/4096")
+    child.expect("> ")
+    child.sendline("/help")
+    child.expect("/system TEXT")
+    child.sendline("/clear")
+    child.expect("conversation cleared")
+    child.sendline("/system You are terse.")
+    child.expect("system prompt set")
+    child.sendline("/nope")
+    child.expect("unknown command")
+    child.expect("> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_a_reply_and_keeps_the_session(chat_model):
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "dsq.cli.main", "chat", str(chat_model), "--temperature", "1",
+                                           "--max-new-tokens", "3000", "--context", "4096", "--seed", "0"],
+                          timeout=120, encoding="utf-8", dimensions=(40, 200), env=PLAIN)
+    child.expect("> ")
+    child.sendline("Tell me a long story")
+    child.expect(r"\S")  # the reply has started streaming
+    child.sendintr()
+    child.expect("reply stopped")
+    child.expect(r"context \d+/4096")
+    child.expect("> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
