@@ -8,6 +8,7 @@ from typing import Any, overload
 
 import torch
 
+from dsq.cache import KINDS
 from dsq.checkpoint import resolve
 from dsq.errors import DsqError
 from dsq.generate import Sampling, generate, steps
@@ -27,11 +28,13 @@ def load_quantized(
     max_seq_len: int | None = None,
     revision: str | None = None,
     backend: str | None = None,
+    kv_cache_dtype: str = "fp8",
     **options: Any,
 ) -> Model:
     """Load a dsq-quantized folder, or an unquantized DeepSeek-V2 checkpoint as it is, from a local folder
     or a Hub repo id. dtype defaults to bfloat16 on GPU and float32 on CPU; backend to "triton" on GPU
-    (the fused kernels) and "torch" elsewhere (the plain-torch reference maths)."""
+    (the fused kernels) and "torch" elsewhere (the plain-torch reference maths). kv_cache_dtype is the MLA
+    cache's layout: "fp8" (656 B per token and layer for V2), "bf16", or "fp32" (the exact reference)."""
     if options:
         raise DsqError(f"unknown option(s) {', '.join(sorted(options))} for load_quantized")
     device = torch.device(device)
@@ -45,8 +48,11 @@ def load_quantized(
     backend = backend or ("triton" if device.type == "cuda" else "torch")
     if backend not in BACKENDS:
         raise DsqError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if kv_cache_dtype not in KINDS:
+        raise DsqError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {', '.join(KINDS)}")
     folder = resolve(path_or_repo, revision)
     net = load_model(folder, device, dtype)
+    net.cache_kind = kv_cache_dtype
     for module in net.modules():
         if hasattr(module, "backend"):
             module.backend = backend

@@ -1,26 +1,76 @@
-"""The MLA latent cache: per layer, per token, RMSNorm(c) [kv_lora_rank] and the roped k_pe [rope dim].
+"""The MLA latent cache, paged: per layer a pool of fixed-size token blocks, and a block table per sequence.
 
-This one is contiguous, one row of slots per sequence (slot = position), in the model dtype. It is the
-reference the paged FP8 cache is checked against."""
+Per token and layer it holds RMSNorm(c) [kv_lora_rank] and the roped k_pe [rope dim], in one of the
+layouts of dsq.kernels.mla_cache: "fp8" (FlashMLA's: e4m3 latent with a scale per 128 channels, bf16 rope
+part, 656 B for V2), "bf16" (1,152 B), or "fp32" (the exact reference of the CPU runtime). Writing fuses
+RMSNorm + rope + quantization; attention reads the latents, never expanded K/V."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from dsq.config import Config
+from dsq.errors import DsqError
+from dsq.kernels.mla_cache import (
+    alloc_pool,
+    cache_bytes_per_token,
+    gather_latents,
+    write_latent_cache,
+    write_latent_cache_ref,
+)
 
-class LatentCache:
-    def __init__(self, n_layers: int, batch: int, max_len: int, kv_rank: int, rope_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        self.max_len = max_len
-        self.kv = torch.zeros(n_layers, batch, max_len, kv_rank, dtype=dtype, device=device)
-        self.pe = torch.zeros(n_layers, batch, max_len, rope_dim, dtype=dtype, device=device)
+KINDS = ("fp8", "bf16", "fp32")
 
-    def write(self, layer: int, pos: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor) -> None:
-        """Store tokens at their positions: pos [B, T], kv [B, T, C], pe [B, T, R]."""
-        rows = torch.arange(pos.shape[0], device=pos.device)[:, None].expand_as(pos)
-        self.kv[layer][rows, pos] = kv.to(self.kv.dtype)
-        self.pe[layer][rows, pos] = pe.to(self.pe.dtype)
 
-    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """All slots of a layer: [B, S, C] and [B, S, R]; the caller masks slots past each query's position."""
-        return self.kv[layer], self.pe[layer]
+def bytes_per_token(cfg: Config, kind: str) -> int:
+    """Cache bytes per token, all layers."""
+    return cfg.num_hidden_layers * cache_bytes_per_token(kind, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+
+
+class PagedCache:
+    def __init__(self, cfg: Config, batch: int, max_len: int, kind: str = "fp8",
+                 device: torch.device | str = "cpu", backend: str = "torch", block_size: int = 64):
+        if kind not in KINDS:
+            raise DsqError(f"kv_cache_dtype {kind!r} is not one of {', '.join(KINDS)}")
+        self.kind, self.backend, self.max_len, self.block_size = kind, backend, max_len, block_size
+        per_seq = math.ceil(max_len / block_size)
+        self.block_table = torch.arange(batch * per_seq, dtype=torch.int32, device=device).view(batch, per_seq)
+        self.pools = [alloc_pool(batch * per_seq, block_size, kind, device, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+                      for _ in range(cfg.num_hidden_layers)]
+
+    @property
+    def kernels(self) -> bool:
+        return self.backend == "triton" and self.kind != "fp32"
+
+    def _slots(self, pos: torch.Tensor) -> torch.Tensor:
+        block = self.block_table.gather(1, pos // self.block_size).long()
+        return (block * self.block_size + pos % self.block_size).flatten()
+
+    def write(self, layer: int, pos: torch.Tensor, kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+              cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Store new tokens from the kv_a_proj_with_mqa output [B, T, C+R] at positions pos [B, T], RMSNorm'd
+        and roped with cos/sin [B, T, R/2] on the way."""
+        write = write_latent_cache if self.kernels else write_latent_cache_ref
+        half = cos.shape[-1]
+        write(self.pools[layer], kv_a.reshape(-1, kv_a.shape[-1]), norm_weight, eps,
+              cos.reshape(-1, half).float().contiguous(), sin.reshape(-1, half).float().contiguous(), self._slots(pos))
+
+    def attend(self, layer: int, q_lat: torch.Tensor, q_pe: torch.Tensor, pos: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """Absorbed attention: o_lat [B, T, H, C] (fp32) for latent queries q_lat [B, T, H, C] and roped
+        q_pe [B, T, H, R] at positions pos [B, T]; each query sees the cached tokens at positions <= its own."""
+        pool = self.pools[layer]
+        if self.kernels and q_lat.shape[1] == 1:
+            from dsq.kernels.mla_decode import mla_decode
+
+            lens = (pos[:, 0] + 1).int()
+            return mla_decode(q_lat[:, 0].contiguous(), q_pe[:, 0].contiguous(), pool, self.block_table, lens,
+                              scale, max_seq_len=self.max_len)[:, None].float()
+        used = int(pos.max()) + 1
+        lat, pe = gather_latents(pool, self.block_table, (pos.amax(dim=1) + 1).int(), used)
+        scores = torch.einsum("bthc,bsc->bhts", q_lat.float(), lat) + torch.einsum("bthr,bsr->bhts", q_pe.float(), pe)
+        seen = torch.arange(used, device=pos.device) <= pos[:, None, :, None]
+        probs = (scores * scale).masked_fill(~seen, float("-inf")).softmax(dim=-1)
+        return torch.einsum("bhts,bsc->bthc", probs, lat)

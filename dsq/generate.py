@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsq.cache import LatentCache
+from dsq.cache import PagedCache
 from dsq.errors import DsqError
 from dsq.model import Transformer
 
@@ -55,7 +55,7 @@ def steps(
     sampling: Sampling = GREEDY,
     seed: int | None = None,
     context: int | None = None,
-    cache: LatentCache | None = None,
+    cache: PagedCache | None = None,
     start: list[int] | None = None,
 ) -> Iterator[list[int]]:
     """Yield the next token of every prompt, step by step: a prefill, then one absorbed decode per step.

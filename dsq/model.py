@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsq.cache import LatentCache
+from dsq.cache import PagedCache
 from dsq.config import Config
 from dsq.layers import Experts, Linear
 
@@ -73,22 +73,20 @@ class MLA(nn.Module):
         self.wo = Linear(h * self.v, d, dtype=dtype)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: LatentCache | None, layer: int, absorb: bool) -> torch.Tensor:
+                cache: PagedCache | None, layer: int, absorb: bool) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
         q_nope, q_pe = q.view(b, t, self.h, self.p + self.r).split([self.p, self.r], dim=-1)
         cos, sin = rope
         q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None])
-        kv, k_pe = self.wkv_a(x).split([self.c, self.r], dim=-1)
-        kv, k_pe = self.kv_norm(kv), apply_rope(k_pe, cos, sin)
+        kv_a = self.wkv_a(x)
         if cache is not None:
-            cache.write(layer, pos, kv, k_pe)
+            cache.write(layer, pos, kv_a, self.kv_norm.weight, self.kv_norm.eps, cos, sin)
         if absorb:
-            kv_all, pe_all = cache.read(layer)
-            used = int(pos.max()) + 1  # slots past every query's position are masked anyway
-            o = self._absorbed(q_nope, q_pe, pos, kv_all[:, :used], pe_all[:, :used])
+            o = self._absorbed(q_nope, q_pe, pos, cache, layer)
         else:
-            o = self._naive(q_nope, q_pe, kv, k_pe, pos)
+            kv, k_pe = kv_a.split([self.c, self.r], dim=-1)
+            o = self._naive(q_nope, q_pe, self.kv_norm(kv), apply_rope(k_pe, cos, sin), pos)
         return self.wo(o.flatten(2))
 
     def _naive(self, q_nope, q_pe, kv, k_pe, pos) -> torch.Tensor:
@@ -100,15 +98,11 @@ class MLA(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, scale=self.scale)
         return o.transpose(1, 2)
 
-    def _absorbed(self, q_nope, q_pe, pos, kv, pe) -> torch.Tensor:
+    def _absorbed(self, q_nope, q_pe, pos, cache: PagedCache, layer: int) -> torch.Tensor:
         w = self.wkv_b.dequantize().view(self.h, self.p + self.v, self.c).float()
         w_uk, w_uv = w[:, : self.p], w[:, self.p :]
         q_lat = torch.einsum("bthp,hpc->bthc", q_nope.float(), w_uk)
-        scores = torch.einsum("bthc,bsc->bhts", q_lat, kv.float()) + torch.einsum(
-            "bthr,bsr->bhts", q_pe.float(), pe.float())
-        seen = torch.arange(kv.shape[1], device=pos.device) <= pos[:, None, :, None]
-        probs = (scores * self.scale).masked_fill(~seen, float("-inf")).softmax(dim=-1)
-        o_lat = torch.einsum("bhts,bsc->bthc", probs, kv.float())
+        o_lat = cache.attend(layer, q_lat, q_pe, pos, self.scale)
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv).to(q_nope.dtype)
 
 
@@ -186,18 +180,17 @@ class Transformer(nn.Module):
         self.head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
         self.register_buffer("inv_freq", torch.empty(cfg.qk_rope_head_dim // 2), persistent=False)
         self.requires_grad_(False)
+        self.cache_kind, self.backend = "fp8", "torch"  # set by load_quantized
 
     def init_rope(self) -> None:
         """Fill the rope frequencies (buffers are empty after building on the meta device)."""
         self.inv_freq.copy_(rope_frequencies(self.cfg))
 
-    def new_cache(self, batch: int, max_len: int) -> LatentCache:
-        cfg = self.cfg
-        return LatentCache(cfg.num_hidden_layers, batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim,
-                           self.dtype, self.inv_freq.device)
+    def new_cache(self, batch: int, max_len: int) -> PagedCache:
+        return PagedCache(self.cfg, batch, max_len, self.cache_kind, self.inv_freq.device, self.backend)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache: LatentCache | None = None,
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache: PagedCache | None = None,
                 absorb: bool = False, last: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits of tokens [B, T] at positions pos [B, T]: all [B, T, V], or at column `last` [B]
         of each row: [B, V]. New latents go into `cache` when given; `absorb` attends through the cache."""

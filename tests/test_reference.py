@@ -17,7 +17,7 @@ KINDS = ["lite", "v2"]
 @pytest.fixture(scope="module", params=KINDS)
 def pair(request, tmp_path_factory):
     path = make_tiny(tmp_path_factory.mktemp(request.param), request.param)
-    return path, hf_model(path), dsq.load_quantized(path)
+    return path, hf_model(path), dsq.load_quantized(path, kv_cache_dtype="fp32")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -41,8 +41,10 @@ def test_naive_and_absorbed_attention_agree(pair):
     assert rel_err(absorbed, naive) <= 1e-5
 
 
-def test_32_greedy_tokens_equal_transformers_generate(pair):
+@pytest.mark.parametrize("cache", ["fp32", "bf16"])
+def test_32_greedy_tokens_equal_transformers_generate(pair, cache):
     _, ref, model = pair
+    model.net.cache_kind = cache
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, model.cfg.vocab_size, (n,), generator=gen).tolist() for n in (5, 11, 1)]
     want = []
@@ -51,12 +53,13 @@ def test_32_greedy_tokens_equal_transformers_generate(pair):
         want.append(out[0, len(p):].tolist())
     assert model.generate(prompts, max_new_tokens=32) == want  # one ragged batch, through the cache
     assert model.generate(prompts[0], max_new_tokens=32) == want[0]
+    model.net.cache_kind = "fp32"
 
 
 def test_norm_topk_prob_against_hand_written_moe(tmp_path):
     """transformers ignores norm_topk_prob, so the MoE layer is checked against the formula by hand."""
     path = make_tiny(tmp_path, "v2", norm_topk_prob=True)
-    model = dsq.load_quantized(path)
+    model = dsq.load_quantized(path, kv_cache_dtype="fp32")
     sd = load_file(path / "model.safetensors")
     cfg = model.cfg
     x = torch.randn(9, cfg.hidden_size, generator=torch.Generator().manual_seed(4))

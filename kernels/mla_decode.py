@@ -1,0 +1,221 @@
+"""Absorbed-MLA decode attention over the paged latent cache (kernels/mla_cache.py), Triton and torch.
+
+For each sequence b and head h, with the latent query q_lat[b, h] = q_nope W_UK (C values) and the roped
+q_pe[b, h] (R values): score_t = (q_lat . c_t + q_pe . k_pe_t) * scale over the tokens t < seq_lens[b],
+p = softmax(score) in fp32, o_lat[b, h] = sum_t p_t c_t. The caller applies W_UV and o_proj.
+
+All heads share one latent per token (MQA-like), so a program takes a tile of heads and reads each
+cache block once for all of them: grid (batch, head tiles, KV splits). Long contexts are split across
+programs and merged by a log-sum-exp reduce. The grid depends only on host-side shapes (num_splits from
+the batch bucket's capacity, never from seq_lens on the device), so one launch can be captured in a
+CUDA graph per batch bucket. At 16 heads (V2-Lite) the kernel is bound by the cache read; at 128 (V2)
+by the dots (424 FLOP per cache byte, bench/mla.py).
+
+Default tile: 16 heads x 32 tokens, 8 warps, 2 stages, the largest that ptxas fits for sm_90 without
+spills (214 registers fp8, 186 bf16; 4 warps spill). Chosen before any GPU timing: bench/mla.py times
+the alternatives.
+
+Under the Triton interpreter the dots run in fp32 (its bf16 is wrong, BRIEF section 5); on the GPU
+they take bf16 operands with fp32 accumulation, otherwise the code is the same.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from dsq.kernels.mla_cache import LatentPool, gather_latents, group_size, round_bf16
+
+_LOG2E = 1.4426950408889634
+_MIN_SPLIT_TOKENS = 512  # a split's fp32 partial output (64 KB per 16 heads) stays < 20% of its cache bytes
+_MAX_SPLITS = 128
+
+
+@triton.jit
+def _decode_kernel(q_ptr, qpe_ptr, kv_ptr, scale_ptr, pe_ptr, bt_ptr, len_ptr, o_ptr, lse_ptr, qk_scale,
+                   stride_qb, stride_qh, stride_pb, stride_ph, stride_bt, stride_ob, stride_oh, stride_os, H,
+                   num_splits, C: tl.constexpr, R: tl.constexpr, GS: tl.constexpr, PAGE: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                   FP8: tl.constexpr, OUT_BF16: tl.constexpr, DOT: tl.constexpr):
+    """Online softmax over one KV split of one sequence for a tile of heads.
+
+    Without SPLIT (num_splits == 1) it writes the normalised o_lat; with it, the split's normalised
+    partial output (stride_os apart) and its log2-sum-exp, for _reduce_kernel. num_splits is a runtime
+    value so that buckets of different sizes share one compiled kernel.
+    """
+    b = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    split = tl.program_id(2)
+    seq_len = tl.load(len_ptr + b)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    hmask = heads[:, None] < H
+    offs_c = tl.arange(0, C)
+    offs_r = tl.arange(0, R)
+    G: tl.constexpr = C // GS  # fp8 scale groups
+    offs_g = tl.arange(0, G)
+    offs3 = offs_g[None, :, None] * GS + tl.arange(0, GS)[None, None, :]  # [1, G, GS]
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_c[None, :], mask=hmask, other=0.0)
+    q = q.to(DOT)  # bf16 -> DOT is exact: a no-op on the GPU, the upcast the interpreter needs
+    qpe = tl.load(qpe_ptr + b * stride_pb + heads[:, None] * stride_ph + offs_r[None, :], mask=hmask, other=0.0)
+    qpe = qpe.to(DOT)
+
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max of the log2-domain scores
+    l_sum = tl.zeros([BLOCK_H], tl.float32)  # running sum of exp2(score - m)
+    acc = tl.zeros([BLOCK_H, C], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        toks = n0 + tl.arange(0, BLOCK_N)
+        valid = toks < end
+        page = tl.load(bt_ptr + b * stride_bt + toks // PAGE, mask=valid, other=0)
+        slot = page.to(tl.int64) * PAGE + toks % PAGE
+        if FP8:  # dequantize once: the same tile is the key (scores) and the value (output)
+            k3 = tl.load(kv_ptr + slot[:, None, None] * C + offs3, mask=valid[:, None, None], other=0.0)
+            s = tl.load(scale_ptr + slot[:, None] * G + offs_g[None, :], mask=valid[:, None], other=0.0)
+            k = tl.reshape(k3.to(tl.float32) * s[:, :, None], (BLOCK_N, C)).to(DOT)
+        else:
+            k = tl.load(kv_ptr + slot[:, None] * C + offs_c[None, :], mask=valid[:, None], other=0.0)
+            k = k.to(DOT)
+        pe = tl.load(pe_ptr + slot[:, None] * R + offs_r[None, :], mask=valid[:, None], other=0.0)
+        pe = pe.to(DOT)
+
+        qk = tl.dot(q, tl.trans(k)) + tl.dot(qpe, tl.trans(pe))
+        qk = tl.where(valid[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(qk, axis=1))  # finite: every step has a valid token
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), k)
+        m = m_new
+
+    out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # an empty split (or sequence) gives 0, not NaN
+    o_ptrs = (o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + split * stride_os
+              + offs_c[None, :])
+    if OUT_BF16:
+        tl.store(o_ptrs, round_bf16(out), mask=hmask)
+    else:
+        tl.store(o_ptrs, out, mask=hmask)
+    if SPLIT:
+        lse = m + tl.log2(tl.where(l_sum > 0, l_sum, 1.0))  # -inf for an empty split
+        tl.store(lse_ptr + (b * H + heads) * num_splits + split, lse, mask=heads < H)
+
+
+@triton.jit
+def _reduce_kernel(mid_ptr, lse_ptr, o_ptr, stride_ob, stride_oh, H, num_splits, C: tl.constexpr,
+                   BLOCK_H: tl.constexpr, OUT_BF16: tl.constexpr):
+    """Merge the splits' partial outputs [B, H, num_splits, C] by their log2-sum-exp weights."""
+    b = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_c = tl.arange(0, C)
+    rows = (b * H + heads).to(tl.int64) * num_splits
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, C], tl.float32)
+    for split in range(num_splits):
+        lse = tl.load(lse_ptr + rows + split, mask=heads < H, other=float("-inf"))
+        m_new = tl.maximum(m, lse)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all splits so far empty: weights 0, not NaN
+        alpha = tl.exp2(m - m_ref)
+        w = tl.exp2(lse - m_ref)
+        part = tl.load(mid_ptr + (rows + split)[:, None] * C + offs_c[None, :], mask=(heads < H)[:, None],
+                       other=0.0)
+        acc = acc * alpha[:, None] + w[:, None] * part
+        l_sum = l_sum * alpha + w
+        m = m_new
+    out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    o_ptrs = o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_c[None, :]
+    if OUT_BF16:
+        tl.store(o_ptrs, round_bf16(out), mask=(heads < H)[:, None])
+    else:
+        tl.store(o_ptrs, out, mask=(heads < H)[:, None])
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def default_num_splits(batch: int, num_heads: int, max_seq_len: int, num_sms: int, block_h: int = 16) -> int:
+    """KV splits for a batch bucket: about two waves of programs, each split reading >= 512 tokens."""
+    programs = batch * triton.cdiv(num_heads, block_h)
+    want = triton.cdiv(2 * num_sms, programs)
+    return max(1, min(want, max_seq_len // _MIN_SPLIT_TOKENS, _MAX_SPLITS))
+
+
+def _pow2(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
+def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, pool: LatentPool, block_table: torch.Tensor,
+               seq_lens: torch.Tensor, scale: float, *, num_splits: int | None = None,
+               max_seq_len: int | None = None, out: torch.Tensor | None = None, block_h: int = 16,
+               block_n: int = 32, num_warps: int = 8, num_stages: int = 2) -> torch.Tensor:
+    """o_lat [B, H, C] (q_lat's dtype, fp32 or bf16; into `out` if given) from q_lat [B, H, C], q_pe [B, H, R].
+
+    block_table [B, max_blocks] int32, seq_lens [B] int32 (0 gives a zero output). num_splits defaults
+    from max_seq_len, itself by default the block table's capacity: pass the batch bucket's values so the
+    grid, and a captured CUDA graph, stay fixed while the sequences grow.
+    """
+    bsz, h, c = q_lat.shape
+    r = q_pe.shape[2]
+    assert q_pe.shape == (bsz, h, r) and pool.kv.shape[2] == c and pool.pe.shape[2] == r, "shape mismatch"
+    assert _pow2(c) and _pow2(r), f"C={c} and R={r} must be powers of two >= 16"
+    assert pool.kind != "fp32", "the fp32 reference cache is read by mla_decode_ref"
+    assert _pow2(block_h) and _pow2(block_n), "block_h and block_n must be powers of two >= 16 (tl.dot)"
+    assert q_lat.stride(2) == 1 and q_pe.stride(2) == 1, "q_lat / q_pe need a contiguous last dim"
+    assert q_lat.dtype in (torch.float32, torch.bfloat16) and q_pe.dtype in (torch.float32, torch.bfloat16)
+    assert block_table.dtype == torch.int32 and block_table.dim() == 2 and block_table.shape[0] == bsz
+    assert seq_lens.dtype == torch.int32 and seq_lens.shape == (bsz,)
+    assert block_table.stride(1) == 1 and seq_lens.is_contiguous()
+    out = torch.empty(q_lat.shape, dtype=q_lat.dtype, device=q_lat.device) if out is None else out
+    assert out.shape == (bsz, h, c) and out.stride(2) == 1 and out.dtype in (torch.float32, torch.bfloat16)
+    if max_seq_len is None:
+        max_seq_len = block_table.shape[1] * pool.block_size
+    if num_splits is None:
+        num_splits = default_num_splits(bsz, h, max_seq_len, _num_sms(q_lat.device), block_h)
+    fp8 = pool.kind == "fp8"
+    out_bf16 = out.dtype == torch.bfloat16
+    o_view = out.view(torch.int16) if out_bf16 else out
+    tiles = triton.cdiv(h, block_h)
+    if num_splits > 1:
+        mid = torch.empty(bsz, h, num_splits, c, dtype=torch.float32, device=q_lat.device)
+        lse = torch.empty(bsz, h, num_splits, dtype=torch.float32, device=q_lat.device)
+        dst, dst_strides = mid, (mid.stride(0), mid.stride(1), mid.stride(2))
+    else:
+        lse = mid = None
+        dst, dst_strides = o_view, (out.stride(0), out.stride(1), 0)
+    _decode_kernel[(bsz, tiles, num_splits)](
+        q_lat, q_pe, pool.kv, pool.scale if fp8 else pool.kv, pool.pe, block_table, seq_lens, dst,
+        dst if lse is None else lse, scale * _LOG2E, q_lat.stride(0), q_lat.stride(1), q_pe.stride(0),
+        q_pe.stride(1), block_table.stride(0), *dst_strides, h, num_splits, C=c, R=r, GS=group_size(c),
+        PAGE=pool.block_size, BLOCK_H=block_h, BLOCK_N=block_n, SPLIT=num_splits > 1, FP8=fp8,
+        OUT_BF16=out_bf16 and num_splits == 1, DOT=tl.float32 if _interpreted() else tl.bfloat16,
+        num_warps=num_warps, num_stages=num_stages)
+    if mid is not None:
+        _reduce_kernel[(bsz, tiles)](mid, lse, o_view, out.stride(0), out.stride(1), h, num_splits, C=c,
+                                     BLOCK_H=block_h, OUT_BF16=out_bf16, num_warps=8)
+    return out
+
+
+def mla_decode_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, pool: LatentPool, block_table: torch.Tensor,
+                   seq_lens: torch.Tensor, scale: float, max_len: int | None = None) -> torch.Tensor:
+    """mla_decode in torch: gather and dequantize the blocks, matmul, fp32 softmax; o_lat [B, H, C] fp32.
+
+    Batched over sequences, so it is also the CPU path. max_len (>= every seq_len) defaults to
+    max(seq_lens), a device sync that the CPU path does not mind.
+    """
+    s = int(seq_lens.max()) if max_len is None else max_len
+    lat, pe = gather_latents(pool, block_table, seq_lens, s)
+    scores = (q_lat.float() @ lat.transpose(1, 2) + q_pe.float() @ pe.transpose(1, 2)) * scale
+    valid = torch.arange(s, device=seq_lens.device)[None, :] < seq_lens[:, None]
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an empty sequence attends to nothing
+    return p @ lat
