@@ -9,11 +9,13 @@ from typing import Any, overload
 import torch
 
 from dsq.cache import KINDS
-from dsq.checkpoint import resolve
+from dsq.checkpoint import Checkpoint, resolve, role
+from dsq.config import Config
 from dsq.errors import DsqError
 from dsq.generate import Sampling, generate, steps
 from dsq.loader import load_model
 from dsq.model import Transformer
+from dsq.plan import Plan, plan, weight_bytes
 from dsq.tokenizer import TextStream, Tokenizer
 
 BACKENDS = ("torch", "triton")
@@ -29,12 +31,15 @@ def load_quantized(
     revision: str | None = None,
     backend: str | None = None,
     kv_cache_dtype: str = "fp8",
+    gpu_memory_utilization: float = 0.9,
     **options: Any,
 ) -> Model:
     """Load a dsq-quantized folder, or an unquantized DeepSeek-V2 checkpoint as it is, from a local folder
     or a Hub repo id. dtype defaults to bfloat16 on GPU and float32 on CPU; backend to "triton" on GPU
     (the fused kernels) and "torch" elsewhere (the plain-torch reference maths). kv_cache_dtype is the MLA
-    cache's layout: "fp8" (656 B per token and layer for V2), "bf16", or "fp32" (the exact reference)."""
+    cache's layout: "fp8" (656 B per token and layer for V2), "bf16", or "fp32" (the exact reference).
+    On a GPU the memory planner first checks that weights, activations and a cache of max_seq_len tokens
+    (default 4096) fit in gpu_memory_utilization of the device, and says what to change if they don't."""
     if options:
         raise DsqError(f"unknown option(s) {', '.join(sorted(options))} for load_quantized")
     device = torch.device(device)
@@ -51,6 +56,8 @@ def load_quantized(
     if kv_cache_dtype not in KINDS:
         raise DsqError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {', '.join(KINDS)}")
     folder = resolve(path_or_repo, revision)
+    if device.type == "cuda":
+        check_fits(folder, device, dtype, kv_cache_dtype, gpu_memory_utilization, max_seq_len or 4096)
     net = load_model(folder, device, dtype)
     net.cache_kind = kv_cache_dtype
     for module in net.modules():
@@ -58,6 +65,18 @@ def load_quantized(
             module.backend = backend
     tokenizer = Tokenizer(folder) if (folder / "tokenizer.json").exists() else None
     return Model(net, tokenizer, folder, max_seq_len)
+
+
+def check_fits(folder: Path, device: torch.device, dtype: torch.dtype, kind: str, utilization: float,
+               tokens: int) -> Plan:
+    """Run the memory planner against the device's free memory before anything is allocated."""
+    cfg = Config.from_file(folder / "config.json")
+    ckpt = Checkpoint(folder)
+    int4 = any(n.endswith("weight_packed") for n in ckpt.files if role(n) == "experts")
+    free, total = torch.cuda.mem_get_info(device)
+    return plan(cfg, weight_bytes(ckpt, dtype), total, free, utilization, kind, need_tokens=tokens,
+                prefill_tokens=min(tokens, 4096), dtype_bytes=torch.empty(0, dtype=dtype).element_size(),
+                int4_experts=int4)
 
 
 class Model:

@@ -1,0 +1,83 @@
+"""The memory planner: before anything is allocated on a GPU, weights + activations + cache against what is
+free, so a model that does not fit gets a sentence saying what to change instead of an out-of-memory trace."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dsq.cache import bytes_per_token
+from dsq.checkpoint import Checkpoint, role
+from dsq.config import Config
+from dsq.errors import DsqError
+
+GB = 1e9
+STORED = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+
+
+def weight_bytes(ckpt: Checkpoint, dtype: torch.dtype) -> int:
+    """Bytes the weights take once loaded: quantized tensors as stored, the router in fp32, every other
+    floating tensor (norms, embeddings, head, unquantized projections) in the model dtype."""
+    size = {"F8_E4M3": 1, "F8_E5M2": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "I8": 1, "U8": 1}
+    elem = torch.empty(0, dtype=dtype).element_size()
+    total = 0
+    for name in ckpt.files:
+        n = math.prod(ckpt.shape(name))
+        stored = ckpt.dtype(name)
+        if name.rsplit(".", 1)[-1] in STORED or stored.startswith("F8"):
+            total += n * size.get(stored, 4)
+        else:
+            total += n * (4 if role(name) == "router" else elem)
+    return total
+
+
+def activation_bytes(cfg: Config, tokens: int, dtype_bytes: int = 2) -> int:
+    """A bound on the transient memory of one forward over `tokens` tokens (prefill, naive attention):
+    the residual stream and the widest MLP / MoE intermediate, expanded K/V and fp32 scores of one layer, and
+    fp32 logits of one row per sequence. Good to ~2x, which the headroom below absorbs."""
+    h = cfg.num_attention_heads
+    mlp = max(cfg.intermediate_size, cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts))
+    per_token = dtype_bytes * (4 * cfg.hidden_size + 3 * mlp + h * (2 * cfg.qk_head_dim + 2 * cfg.v_head_dim))
+    scores = 4 * h * min(tokens, 8192) ** 2  # SDPA's math path materialises them; flash kernels do not
+    return tokens * per_token + scores + 4 * cfg.vocab_size * 64
+
+
+@dataclass(frozen=True)
+class Plan:
+    weights: int
+    activations: int
+    cache_per_token: int
+    budget: int  # bytes dsq may use on the device
+    cache_tokens: int  # what the cache can hold, all sequences together
+
+    def describe(self) -> str:
+        return (f"weights {self.weights / GB:.2f} GB + activations {self.activations / GB:.2f} GB + cache "
+                f"{self.cache_tokens:,} tokens x {self.cache_per_token / 1e3:.1f} KB = "
+                f"{(self.weights + self.activations + self.cache_tokens * self.cache_per_token) / GB:.2f} GB "
+                f"of {self.budget / GB:.2f} GB")
+
+
+def plan(cfg: Config, weights: int, total: int, free: int, utilization: float = 0.9, kind: str = "fp8",
+         need_tokens: int = 4096, prefill_tokens: int = 4096, dtype_bytes: int = 2, int4_experts: bool = True) -> Plan:
+    """Size the cache from what is left of `utilization` x the device's memory (minus what others hold) once
+    weights and activations are placed; refuse, saying what to change, if `need_tokens` do not fit."""
+    if not 0 < utilization <= 1:
+        raise DsqError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
+    budget = int(total * utilization) - (total - free)
+    act = activation_bytes(cfg, prefill_tokens, dtype_bytes)
+    per_token = bytes_per_token(cfg, kind)
+    tokens = max((budget - weights - act) // per_token, 0)
+    if tokens < need_tokens:
+        need = weights + act + need_tokens * per_token
+        hints = [f"a shorter context (about {max(tokens, 0):,} tokens fit)" if tokens > 0 else None,
+                 None if int4_experts else "INT4 routed experts (dsq quantize, the default scheme)",
+                 "kv_cache_dtype='fp8'" if kind != "fp8" else None,
+                 "--tp N to spread the model over N GPUs", "a higher gpu_memory_utilization"]
+        raise DsqError(f"the model does not fit: it needs {need / GB:.1f} GB (weights {weights / GB:.1f} GB, "
+                       f"activations {act / GB:.1f} GB, cache for {need_tokens:,} tokens "
+                       f"{need_tokens * per_token / GB:.1f} GB) but {budget / GB:.1f} GB are free for dsq "
+                       f"({utilization:.0%} of {total / GB:.1f} GB, {(total - free) / GB:.1f} GB in use); "
+                       f"try {', '.join(h for h in hints if h)}")
+    return Plan(weights, act, per_token, budget, tokens)

@@ -1,0 +1,40 @@
+"""The memory planner: exact weight bytes, the cache it leaves, and its refusal for a model that cannot fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import make_tiny
+
+import dsq
+from dsq.checkpoint import Checkpoint
+from dsq.config import Config
+from dsq.errors import DsqError
+from dsq.plan import plan, weight_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_bytes_equal_the_loaded_model(tmp_path, dtype):
+    path = make_tiny(tmp_path, "v2")
+    net = dsq.load_quantized(path, dtype=dtype).net
+    loaded = sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()]) - net.inv_freq.nbytes
+    assert weight_bytes(Checkpoint(path), dtype) == loaded
+
+
+def test_lite_fits_a_12_gb_card_with_32k_context():
+    cfg = Config.preset("deepseek-v2-lite")
+    p = plan(cfg, weights=int(9.2e9), total=int(12e9), free=int(11.8e9), utilization=0.95, need_tokens=32768,
+             prefill_tokens=2048)
+    assert p.cache_tokens >= 32768
+    assert p.cache_per_token == 27 * 656  # FP8 layout: 656 B per token and layer
+
+
+def test_refusal_says_what_is_needed_and_what_to_change():
+    cfg = Config.preset("deepseek-v2")
+    with pytest.raises(DsqError) as e:
+        plan(cfg, weights=int(129e9), total=int(24e9), free=int(23e9), need_tokens=8192)
+    msg = str(e.value)
+    assert "does not fit" in msg and "129.0 GB" in msg and "24.0 GB" in msg and "--tp" in msg
+    assert "\n" not in msg
+    with pytest.raises(DsqError, match="INT4 routed experts"):
+        plan(cfg, weights=int(470e9), total=int(141e9), free=int(141e9), int4_experts=False)
