@@ -32,6 +32,7 @@ def load_quantized(
     backend: str | None = None,
     kv_cache_dtype: str = "fp8",
     gpu_memory_utilization: float = 0.9,
+    cuda_graphs: bool = True,
     **options: Any,
 ) -> Model:
     """Load a dsq-quantized folder, or an unquantized DeepSeek-V2 checkpoint as it is, from a local folder
@@ -39,7 +40,8 @@ def load_quantized(
     (the fused kernels) and "torch" elsewhere (the plain-torch reference maths). kv_cache_dtype is the MLA
     cache's layout: "fp8" (656 B per token and layer for V2), "bf16", or "fp32" (the exact reference).
     On a GPU the memory planner first checks that weights, activations and a cache of max_seq_len tokens
-    (default 4096) fit in gpu_memory_utilization of the device, and says what to change if they don't."""
+    (default 4096) fit in gpu_memory_utilization of the device, and says what to change if they don't.
+    cuda_graphs replays decode steps from CUDA graphs (GPU and Triton backend only)."""
     if options:
         raise DsqError(f"unknown option(s) {', '.join(sorted(options))} for load_quantized")
     device = torch.device(device)
@@ -64,7 +66,8 @@ def load_quantized(
         if hasattr(module, "backend"):
             module.backend = backend
     tokenizer = Tokenizer(folder) if (folder / "tokenizer.json").exists() else None
-    return Model(net, tokenizer, folder, max_seq_len)
+    graphs = cuda_graphs and device.type == "cuda" and backend == "triton"
+    return Model(net, tokenizer, folder, max_seq_len, graphs)
 
 
 def check_fits(folder: Path, device: torch.device, dtype: torch.dtype, kind: str, utilization: float,
@@ -82,8 +85,9 @@ def check_fits(folder: Path, device: torch.device, dtype: torch.dtype, kind: str
 class Model:
     """A loaded model: full-forward logits, batched generation, and chat in the model's template."""
 
-    def __init__(self, net: Transformer, tokenizer: Tokenizer | None, folder: Path, max_seq_len: int | None = None):
-        self.net, self.tokenizer, self.folder = net, tokenizer, folder
+    def __init__(self, net: Transformer, tokenizer: Tokenizer | None, folder: Path, max_seq_len: int | None = None,
+                 graphs: bool = False):
+        self.net, self.tokenizer, self.folder, self.graphs = net, tokenizer, folder, graphs
         self.cfg = net.cfg
         self.max_seq_len = min(max_seq_len or net.cfg.max_position_embeddings, net.cfg.max_position_embeddings)
 
@@ -127,7 +131,7 @@ class Model:
             def stop_fn(i: int, tokens: list[int]) -> bool:
                 return any(s in self.tokenizer.decode(tokens) for s in stop)
         out = generate(self.net, ids, max_new_tokens, Sampling(temperature, top_k, top_p), self.cfg.eos_token_id,
-                       stop_fn, on_token, seed, self.max_seq_len)
+                       stop_fn, on_token, seed, self.max_seq_len, self.graphs)
         if text:
             out = [self._cut(self.tokenizer.decode(t), stop) for t in out]
         return out[0] if single else out
@@ -141,7 +145,7 @@ class Model:
         ids = self.tokenizer.encode_chat(messages)
         stream, text = TextStream(self.tokenizer), ""
         for (token,) in steps(self.net, [ids], max_new_tokens, Sampling(temperature, top_k, top_p), seed,
-                              self.max_seq_len):
+                              self.max_seq_len, graphs=self.graphs):
             if token == self.cfg.eos_token_id:
                 return
             piece = stream.push(token)

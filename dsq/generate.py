@@ -9,6 +9,7 @@ import torch
 
 from dsq.cache import PagedCache
 from dsq.errors import DsqError
+from dsq.graphs import GraphDecoder, bucket
 from dsq.model import Transformer
 
 
@@ -57,10 +58,12 @@ def steps(
     context: int | None = None,
     cache: PagedCache | None = None,
     start: list[int] | None = None,
+    graphs: bool = False,
 ) -> Iterator[list[int]]:
     """Yield the next token of every prompt, step by step: a prefill, then one absorbed decode per step.
     Stop iterating to stop early. `context` caps prompt + new tokens (default: the model's). With a `cache`
-    whose first `start[i]` positions already hold sequence i, the prompts continue it (multi-turn chat)."""
+    whose first `start[i]` positions already hold sequence i, the prompts continue it (multi-turn chat).
+    `graphs` replays decode steps from a CUDA graph (needs the Triton backend on a GPU)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise DsqError("every prompt needs at least one token")
     vocab = model.cfg.vocab_size
@@ -79,16 +82,21 @@ def steps(
     tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):  # right-padded: padding sits past each prompt, where nothing attends
         tokens[i, : len(p)] = torch.tensor(p)
-    if cache is None:
-        cache = model.new_cache(len(prompts), end)
+    graphs = graphs and device.type == "cuda" and max_new_tokens > 1
+    if cache is None:  # a graph replays a whole bucket, so the cache holds a row per bucket slot
+        cache = model.new_cache(bucket(len(prompts)) if graphs else len(prompts), end)
     pos = first[:, None] + torch.arange(width, device=device)
     logits = model(tokens, pos, cache, absorb=bool(first.any()), last=lens - 1)
+    decode = GraphDecoder(model, cache, cache.block_table.shape[0]) if graphs else None
     for step in range(max_new_tokens):
         nxt = sample(logits, sampling, generator)
         yield nxt.tolist()
         if step < max_new_tokens - 1:
             at = (first + lens + step)[:, None]
-            logits = model(nxt[:, None], at, cache, absorb=True, last=torch.zeros_like(lens))
+            if decode is not None:
+                logits = decode(nxt[:, None], at)
+            else:
+                logits = model(nxt[:, None], at, cache, absorb=True, last=torch.zeros_like(lens))
 
 
 def generate(
@@ -101,12 +109,13 @@ def generate(
     on_token: Callable[[int, int], None] | None = None,
     seed: int | None = None,
     context: int | None = None,
+    graphs: bool = False,
 ) -> list[list[int]]:
     """New tokens for each prompt (eos not included). `stop(i, tokens)` ends sequence i early;
     `on_token(i, token)` sees every token as it is made."""
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
-    for tokens in steps(model, prompts, max_new_tokens, sampling, seed, context):
+    for tokens in steps(model, prompts, max_new_tokens, sampling, seed, context, graphs=graphs):
         for i, t in enumerate(tokens):
             if done[i]:
                 continue
