@@ -1,0 +1,171 @@
+"""End to end on one GPU: DeepSeek-V2-Lite (or V2) at its real shapes with random weights quantized on the
+device (no download), against the same model in BF16 eager PyTorch in the same run and the batch-1 roofline.
+
+    python bench/e2e.py [--model deepseek-v2-lite|deepseek-v2] [--quick] [--out DIR]
+
+Reports prefill tok/s (512 and 8K-token prompts), decode tok/s at batch 1, 8, 32, 128, peak GPU memory,
+and the memory of a 32K-token context. Writes e2e.json and e2e.md into --out ($OUT, else ./bench-out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HBM = 4.8e12  # H200 bytes/s (BRIEF section 3)
+
+
+def fill_random(net, std: float = 0.02, seed: int = 0) -> None:
+    """Random weights straight into every module, quantized on the device in the module's own format."""
+    from dsq import quant
+    from dsq.layers import FP8Linear, Int4Linear, Linear
+    from dsq.model import Gate, RMSNorm
+
+    torch.manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, RMSNorm):
+            m.weight.fill_(1.0)
+        elif isinstance(m, (torch.nn.Embedding, Gate)):
+            m.weight.normal_(0, std)
+        elif isinstance(m, Linear):
+            for e in range(m.n_experts) if m.n_experts else [None]:
+                t = m.tensors(e)
+                w = torch.randn(m.out_features, m.in_features, device=t[next(iter(t))].device) * std
+                if isinstance(m, FP8Linear):
+                    q = dict(zip(("weight", "weight_scale"), quant.fp8_quantize_weight(w, m.block), strict=True))
+                elif isinstance(m, Int4Linear):
+                    q = quant.int4_quantize(w, m.group, m.symmetric)
+                else:
+                    q = {"weight": w}
+                for k, v in q.items():
+                    t[k].copy_(v)
+
+
+def build(preset: str, quantized: bool, device: str):
+    """A Transformer of the preset's shapes: FP8 + INT4 g128 experts (dsq quantize's default), or BF16."""
+    from dsq.config import Config
+    from dsq.layers import Scheme
+    from dsq.loader import swap_formats
+    from dsq.model import Transformer
+    from dsq.quantize.scheme import Options, quantization_config
+
+    cfg = Config.preset(preset)
+    with torch.device("meta"):
+        net = Transformer(cfg, torch.bfloat16)
+    if quantized:
+        swap_formats(net, Scheme(quantization_config(Options())), torch.bfloat16)
+    net.to_empty(device=device)
+    net.init_rope()
+    fill_random(net)
+    backend = "triton" if quantized else "torch"
+    for m in net.modules():
+        if hasattr(m, "backend"):
+            m.backend = backend
+    net.cache_kind = "fp8" if quantized else "bf16"
+    return net.eval()
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def prefill_tok_s(net, n: int) -> float:
+    ids = torch.randint(0, net.cfg.vocab_size, (1, n), device="cuda")
+    pos = torch.arange(n, device="cuda")[None]
+    run = lambda: net(ids, pos, net.new_cache(1, n), last=torch.tensor([n - 1], device="cuda"))
+    run()
+    return n / min(timed(run) for _ in range(2))
+
+
+def decode_tok_s(net, batch: int, graphs: bool, new: int) -> float:
+    from dsq.generate import steps
+
+    prompts = [[1 + (i * 7 + j) % 1000 for j in range(64)] for i in range(batch)]
+    it = steps(net, prompts, new, graphs=graphs)
+    next(it)  # prefill (and graph capture) done
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    n = sum(1 for _ in it)
+    torch.cuda.synchronize()
+    return batch * n / (time.perf_counter() - t0)
+
+
+def long_context_gb(net, context: int) -> float:
+    """Peak memory of one decode step at the end of a `context`-token cache (weights included)."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    cache = net.new_cache(1, context)
+    tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    net(tok, torch.full((1, 1), context - 1, device="cuda"), cache, absorb=True, last=torch.zeros(1, dtype=torch.long,
+                                                                                                  device="cuda"))
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="deepseek-v2-lite", choices=["deepseek-v2-lite", "deepseek-v2"])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/e2e.py: no CUDA device; nothing to measure")
+        return
+    lite = args.model == "deepseek-v2-lite"
+    batches = [1, 8] if args.quick else [1, 8, 32, 128]
+    new = 32 if args.quick else 64
+    rows, result = [], {"model": args.model, "gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                 text=True).stdout.strip()}
+    variants = [("dsq fp8+int4", True)] + ([("bf16 eager", False)] if lite else [])
+    for name, quantized in variants:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        net = build(args.model, quantized, "cuda")
+        weights = torch.cuda.memory_allocated() / 1e9
+        r = {"build_s": time.perf_counter() - t0, "weights_gb": weights}
+        for n in ([512] if args.quick or not lite else [512, 8192]):
+            r[f"prefill_{n}_tok_s"] = prefill_tok_s(net, n)
+        for b in batches if quantized else batches[:2]:
+            r[f"decode_b{b}_tok_s"] = decode_tok_s(net, b, graphs=quantized, new=new)
+        r["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        if quantized and lite:
+            r["context_32k_gb"] = long_context_gb(net, 32768)
+        result[name] = r
+        print(name, json.dumps(r), flush=True)
+        del net
+    active = 2.01e9 if lite else 12e9  # bytes read per decoded token at batch 1 (BRIEF section 3)
+    roof = HBM / active
+    q = result["dsq fp8+int4"]
+    rows.append(f"## e2e: {args.model} on {result['gpu']} ({result['date']}, commit {result['commit']})")
+    rows.append("| metric | dsq fp8+int4 | bf16 eager | ratio |")
+    rows.append("| --- | --- | --- | --- |")
+    base = result.get("bf16 eager", {})
+    for key in q:
+        b = base.get(key)
+        ratio = f"{q[key] / b:.2f}x" if b else ""
+        rows.append(f"| {key} | {q[key]:,.2f} | {'' if b is None else f'{b:,.2f}'} | {ratio} |")
+    rows.append(f"| batch-1 decode vs roofline ({roof:,.0f} tok/s at {HBM / 1e12:.1f} TB/s) | "
+                f"{q['decode_b1_tok_s'] / roof:.1%} | | |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "" if lite else "_v2"
+    (out / f"e2e{suffix}.json").write_text(json.dumps(result, indent=2))
+    (out / f"e2e{suffix}.md").write_text("\n".join(rows) + "\n")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
