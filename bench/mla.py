@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
 from dsq.kernels.mla import LatentPool, alloc_pool, cache_bytes_per_token, mla_decode, mla_decode_ref
 
 HBM_GBPS = 4800.0  # H200 HBM3e

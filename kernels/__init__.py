@@ -1,0 +1,22 @@
+"""Triton kernels for dsq: FP8 activation quantization, FP8 W8A8 and INT4 W4A16 GEMMs, fused MoE.
+
+Each wrapper asserts its shapes and dtypes and runs on CUDA tensors, or on CPU tensors under
+TRITON_INTERPRET=1 (how CI checks them against the plain-torch references in dsq.quant).
+"""
+
+from .act_quant import act_quant
+from .fp8_gemm import fp8_gemm, fp8_gemm_q
+from .fused_moe import fused_moe, fused_moe_ref, moe_align
+from .int4_gemm import GemmConfig, int4_gemm, int4_gemm_ref
+
+__all__ = [
+    "GemmConfig",
+    "act_quant",
+    "fp8_gemm",
+    "fp8_gemm_q",
+    "fused_moe",
+    "fused_moe_ref",
+    "int4_gemm",
+    "int4_gemm_ref",
+    "moe_align",
+]

@@ -1,0 +1,75 @@
+"""Dynamic FP8 (e4m3fn) activation quantization, per token or per token and 1xG group.
+
+Matches `dsq.quant.fp8_quantize_act` bit for bit: scale = max(amax, 1e-12) / 448 and q = rne(x / scale),
+both with IEEE division. The fp32 -> fp8 rounding is done with integer ops (`fp8_e4m3_bits`) rather than a
+cast, because Triton's interpreter casts fp32 -> fp8 wrongly (no carry into the exponent, garbage for
+subnormals); doing it by hand lets the GPU and the interpreter run the same code.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsq.quant import FP8, FP8_MAX
+
+
+@triton.jit
+def fp8_e4m3_bits(v):
+    """fp32 values in [-448, 448] -> their e4m3fn bit patterns (int32 in [0, 255]), round to nearest even."""
+    bits = v.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    mag = bits & 0x7FFFFFFF
+    # Normal range (|v| >= 2^-6): keep 3 of the 23 mantissa bits, ties to even; a carry out of the mantissa
+    # bumps the exponent, which is the right answer. Rebias the exponent from 127 to 7.
+    normal = ((mag + 0x7FFFF + ((mag >> 20) & 1)) >> 20) - ((127 - 7) << 3)
+    # Subnormals are multiples of 2^-9: adding 2^23 to |v| * 2^9 rounds it to an integer (ties to even) that
+    # lands in the low mantissa bits; 8 (= 2^-6) comes out as the smallest normal's pattern, also right.
+    sub = (tl.abs(v) * 512.0 + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
+    return sign | tl.where(mag >= 0x3C800000, normal, sub)
+
+
+@triton.jit
+def _act_quant_kernel(
+    x_ptr, q_ptr, s_ptr, K, GROUP, stride_xm, stride_qm, stride_sm, FMAX: tl.constexpr, BLOCK: tl.constexpr
+):
+    """One program per (token, group): amax pass, then a quantize pass over the same (cached) slice."""
+    m = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    start = g * GROUP
+    end = tl.minimum(start + GROUP, K)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(start, end, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < end, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), FMAX)
+    tl.store(s_ptr + m * stride_sm + g, scale)
+    for k0 in range(start, end, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < end, other=0.0).to(tl.float32)
+        v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FMAX), FMAX)
+        tl.store(q_ptr + m * stride_qm + offs, fp8_e4m3_bits(v).to(tl.uint8), mask=offs < end)
+
+
+def act_quant(x: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (bf16/fp16/fp32) -> (q fp8_e4m3fn [M, K], scale fp32 [M, 1] or [M, ceil(K / group)]).
+
+    `group=None` scales per token (channel-scaled FP8 weights); `group=128` per 1x128 slice (block scales)."""
+    assert x.dim() == 2 and x.stride(1) == 1, f"act_quant wants a row-major 2-D tensor, got {tuple(x.shape)}"
+    assert x.dtype in (torch.bfloat16, torch.float16, torch.float32), x.dtype
+    m, k = x.shape
+    g = k if group is None else group
+    assert g > 0 and k > 0, (group, k)
+    n_groups = triton.cdiv(k, g)
+    q = torch.empty(m, k, dtype=FP8, device=x.device)
+    scale = torch.empty(m, n_groups, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, scale
+    block = min(triton.next_power_of_2(g), 2048)
+    _act_quant_kernel[(m, n_groups)](
+        x, q.view(torch.uint8), scale, k, g, x.stride(0), q.stride(0), scale.stride(0),
+        FMAX=FP8_MAX, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+    )
+    return q, scale

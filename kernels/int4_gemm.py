@@ -1,0 +1,253 @@
+"""INT4 W4A16 GEMM over the compressed-tensors `pack-quantized` layout, dequantized in registers.
+
+out[m, n] = sum_k x[m, k] * (q[n, k] - zero[n, k // g]) * scale[n, k // g], with q stored as q + 8 in nibble
+k % 8 of int32 word k // 8 (see dsq/quant.py). The weights are read straight from the disk layout: a
+[BN, BK/8] tile of words is loaded once and spread into its nibbles in registers, so no repack is needed.
+
+A K step (BK) never straddles a scale group, so the group scale and zero point are one value per weight
+row inside a step: the kernel subtracts the zero from the small integers (exact in bf16), runs the dot,
+then scales the [BM, BN] partial result - the [BK, BN] weight tile is never multiplied by scales.
+
+Small M has too few output tiles to keep every SM streaming weights, so K is split across programs that
+write fp32 partials, summed and cast by one small kernel (`pick_split_k`, `splitk_reduce`). This module
+also holds the launch helpers that the FP8 GEMM and the fused MoE share.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from dsq.quant import int4_dequantize
+
+
+# --- launch helpers shared by the GEMM kernels ----------------------------------------------------------
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile sizes and launch options; `split_k` > 1 splits K over programs (fp32 partials, then a sum)."""
+
+    bm: int
+    bn: int
+    bk: int
+    split_k: int = 1
+    group_m: int = 8
+    warps: int = 4
+    stages: int = 3
+
+    def check(self) -> None:
+        # the GPU compiler rejects dot tiles under 16 (the interpreter does not, so assert here)
+        assert min(self.bm, self.bn, self.bk) >= 16, f"tl.dot tiles must be >= 16: {self}"
+        assert self.split_k >= 1
+
+
+def interpreted(t: torch.Tensor) -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1 on CPU tensors)."""
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    assert interp or t.is_cuda, "Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"
+    return interp or not t.is_cuda
+
+
+@functools.cache
+def _device_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(t: torch.Tensor) -> int:
+    """SMs of t's GPU; 4 under the interpreter so that small test shapes still exercise split-K."""
+    return _device_sms(t.device.index or 0) if t.is_cuda else 4
+
+
+@triton.jit
+def cast_out(v, dtype: tl.constexpr):
+    """fp32 -> the output type, rounding to nearest even; bf16 is rounded with integer ops first because
+    the interpreter's fp32 -> bf16 cast truncates (on the GPU the cast of the rounded value is exact)."""
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.int32, bitcast=True)
+        v = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+def pick_split_k(tiles: int, k_tiles: int, sms: int) -> int:
+    """1 when the output tiles already cover half the SMs (a second launch costs more than it saves at
+    decode sizes); else split K until about one wave of programs covers the SMs, no split left empty."""
+    if 2 * tiles >= sms:
+        return 1
+    split = min(k_tiles, triton.cdiv(sms, tiles))
+    return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, out_ptr, MN, SPLIT, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for _ in range(SPLIT):
+        acc += tl.load(ws_ptr + offs, mask=mask, other=0.0)
+        ws_ptr += MN
+    tl.store(out_ptr + offs, cast_out(acc, out_ptr.dtype.element_ty), mask=mask)
+
+
+def splitk_reduce(ws: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 partials [split, M, N] -> their sum [M, N] in dtype, in one launch (no zero-fill, no atomics:
+    deterministic)."""
+    split, m, n = ws.shape
+    out = torch.empty(m, n, dtype=dtype, device=ws.device)
+    block = 1024
+    _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](ws, out, m * n, split, BLOCK=block, num_warps=4)
+    return out
+
+
+def dot_dtype(x: torch.Tensor) -> tl.dtype:
+    """The dot input type: x's 16-bit type on GPU; fp32 when interpreted (its bf16 arithmetic is wrong)."""
+    if interpreted(x):
+        return tl.float32
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(x.dtype, tl.float32)
+
+
+@triton.jit
+def tile_ids(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (row tile, column tile), GROUP_M row tiles at a time so their weights stay in L2."""
+    n_m = tl.cdiv(M, BM)
+    n_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * n_n
+    first_m = (pid // per_group) * GROUP_M
+    rows = tl.minimum(n_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % rows, (pid % per_group) // rows
+
+
+# --- the INT4 K step, shared with the fused MoE kernel ---------------------------------------------------
+@triton.jit
+def int4_dot_step(
+    a, wp_ptr, ws_ptr, wz_ptr, offs_n, n_mask, t, KW, GROUP, stride_wn, stride_sn, stride_zn,
+    HAS_ZP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr,
+):
+    """a [BM, BK] (DOT) times weight rows offs_n, columns [t*BK, (t+1)*BK), dequantized: fp32 [BM, BN]."""
+    offs_w = t * (BK // 8) + tl.arange(0, BK // 8)
+    words = tl.load(
+        wp_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+        mask=n_mask[:, None] & (offs_w[None, :] < KW), other=0,
+    )
+    nib = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF  # [BN, BK/8, 8] = q + 8
+    nib = tl.reshape(nib, [BN, BK])  # column k = 8 * word + nibble, the packing order
+    g = (t * BK) // GROUP
+    # 0x4B000000 | nib is the fp32 2^23 + nib, so one subtraction gives q - zero without an int->float convert
+    magic = (nib | 0x4B000000).to(tl.float32, bitcast=True)
+    if HAS_ZP:  # stored zero + 8 in nibble n % 8 of word [n // 8, g]
+        zw = tl.load(wz_ptr + (offs_n // 8) * stride_zn + g, mask=n_mask, other=0)
+        zero = ((zw >> ((offs_n % 8) * 4)) & 0xF).to(tl.float32)
+        w = magic - (zero + 8388608.0)[:, None]
+    else:
+        w = magic - 8388616.0
+    s = tl.load(ws_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+    return tl.dot(a, tl.trans(w.to(DOT))) * s[None, :]
+
+
+@triton.jit
+def _int4_gemm_kernel(
+    x_ptr, wp_ptr, ws_ptr, wz_ptr, out_ptr, M, N, K, GROUP, SPLIT_K,
+    stride_xm, stride_wn, stride_sn, stride_zn, stride_om,
+    HAS_ZP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """out[pid_k] = x rows x dequant(w)^T over this program's share of K (out is [M, N], or fp32 [SPLIT, M, N])."""
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    k_tiles = tl.cdiv(K, BK)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t0 = tl.program_id(1) * per_split
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for t in range(t0, tl.minimum(t0 + per_split, k_tiles)):
+        offs_k = t * BK + tl.arange(0, BK)
+        a = tl.load(
+            x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+            mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0,
+        )
+        acc += int4_dot_step(
+            a.to(tl.float32).to(DOT), wp_ptr, ws_ptr, wz_ptr, offs_n, n_mask, t, K // 8, GROUP,
+            stride_wn, stride_sn, stride_zn, HAS_ZP, BN, BK, DOT,
+        )
+    out_ptr += tl.program_id(1).to(tl.int64) * M * N
+    out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out, cast_out(acc, out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def int4_step(group: int, k: int, cap: int = 128) -> int:
+    """The longest K step (<= cap, >= 16) that stays inside one scale group."""
+    if group >= k:  # one group per row: any step length works
+        return cap
+    bk = cap
+    while bk > 16 and group % bk:
+        bk //= 2
+    return bk
+
+
+def int4_config(m: int, n: int, k: int, group: int, x: torch.Tensor) -> GemmConfig:
+    """Heuristic tiles, picked from sm_90 compiles (no register spills; ~128 registers at 8 warps) and not yet
+    timed on an H200. Small M streams weights: long K steps, split K; larger M: wgmma-sized row tiles."""
+    if m <= 16:
+        bm, bn, bk, stages = 16, 64, int4_step(group, k, 128), 4
+    elif m <= 128:
+        bm, bn, bk, stages = min(triton.next_power_of_2(m), 64), 64, int4_step(group, k, 64), 4
+    else:
+        bm, bn, bk, stages = 128, 64, int4_step(group, k, 64), 3
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = pick_split_k(tiles, triton.cdiv(k, bk), sm_count(x))
+    return GemmConfig(bm, bn, bk, split, 8, 8, stages)
+
+
+def int4_gemm(
+    x: torch.Tensor,
+    weight_packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None = None,
+    *,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """x [M, K] @ dequant(weight)^T -> [M, N] in x.dtype; fp32 accumulation.
+
+    weight_packed int32 [N, K/8], weight_scale [N, K/g] (bf16), weight_zero_point int32 [ceil(N/8), K/g]."""
+    assert x.dim() == 2 and x.stride(1) == 1, f"x must be row-major 2-D, got {tuple(x.shape)}"
+    m, k = x.shape
+    n = weight_packed.shape[0]
+    assert weight_packed.dtype == torch.int32 and weight_packed.is_contiguous()
+    assert weight_packed.shape == (n, k // 8) and k % 8 == 0, (tuple(weight_packed.shape), k)
+    assert weight_scale.dim() == 2 and weight_scale.shape[0] == n and weight_scale.stride(1) == 1
+    n_groups = weight_scale.shape[1]
+    assert k % n_groups == 0, f"K={k} is not a whole number of {n_groups} groups"
+    group = k // n_groups
+    zp = weight_zero_point
+    if zp is not None:
+        assert zp.dtype == torch.int32 and zp.shape == ((n + 7) // 8, n_groups) and zp.stride(1) == 1
+    cfg = config or int4_config(m, n, k, group, x)
+    cfg.check()
+    assert group % cfg.bk == 0 or n_groups == 1, f"a K step of {cfg.bk} straddles groups of {group}"
+    if m == 0:
+        return x.new_empty(0, n)
+    split = cfg.split_k > 1
+    out = x.new_empty(cfg.split_k, m, n, dtype=torch.float32) if split else x.new_empty(m, n)
+    grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), cfg.split_k)
+    _int4_gemm_kernel[grid](
+        x, weight_packed, weight_scale, zp if zp is not None else weight_packed, out,
+        m, n, k, group, cfg.split_k,
+        x.stride(0), weight_packed.stride(0), weight_scale.stride(0), zp.stride(0) if zp is not None else 0,
+        n, HAS_ZP=zp is not None, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=cfg.group_m,
+        DOT=dot_dtype(x), num_warps=cfg.warps, num_stages=cfg.stages,
+    )
+    return splitk_reduce(out, x.dtype) if split else out
+
+
+def int4_gemm_ref(
+    x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain-torch reference: dequantize to fp32 (dsq.quant), matmul in fp32, cast to x.dtype."""
+    w = int4_dequantize(weight_packed, weight_scale, weight_zero_point)
+    return (x.float() @ w.t()).to(x.dtype)

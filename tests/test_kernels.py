@@ -1,0 +1,442 @@
+"""act_quant, fp8_gemm, int4_gemm and fused_moe against their plain-torch references.
+
+Without CUDA the kernels run through Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1):
+the same kernel code as on the GPU except the dot operand dtype (fp32 here). Those tests use fp32 inputs so
+the comparison is at fp32 rounding level: both sides compute the same exact products (FP8 x FP8, or x times
+small integers), summed in different orders, so |out - ref| <= 2 * gamma_n * (|a| @ |b|^T) with
+gamma_n = n * 2^-24 (the classic bound on an n-term fp32 dot; n = K plus the few scale multiplications).
+The interpreter never runs Triton's GPU compiler, so one test compiles the wrappers' launches for sm_90
+(an H200) on the CPU and checks that none spills registers. The `gpu` tests run the compiled kernels on
+bf16 inputs at model-like shapes (bench/gpu_check.sh).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+import torch
+
+from dsq.kernels import act_quant, fp8_gemm, fp8_gemm_q, fused_moe, fused_moe_ref, int4_gemm, moe_align
+from dsq.kernels.int4_gemm import GemmConfig
+from dsq.quant import (
+    FP8,
+    fp8_dequantize_weight,
+    fp8_linear,
+    fp8_quantize_act,
+    fp8_quantize_weight,
+    int4_dequantize,
+    int4_quantize,
+)
+
+fused_moe_mod = importlib.import_module("dsq.kernels.fused_moe")  # the package attribute is the function
+CUDA = torch.cuda.is_available()
+interp = pytest.mark.skipif(CUDA, reason="interpreter test (fp32 bounds); the gpu tests cover CUDA")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+U = 2.0**-24  # fp32 unit roundoff
+# the interpreter turns a 1-element program_id array into a loop bound with int(); numpy 2 warns each time
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+
+def _assert_dot_close(out: torch.Tensor, ref: torch.Tensor, mag: torch.Tensor, n: int) -> None:
+    """|out - ref| <= 2 gamma_n mag, mag = |a| @ |b|^T: two fp32 summation orders of the same products."""
+    err = (out.float() - ref.float()).abs()
+    bound = 2 * n * U * mag
+    assert (err <= bound).all(), f"max err {err.max():.3g}, worst err/bound {(err / bound).max():.3g}"
+
+
+def _int4(n: int, k: int, group: int, symmetric: bool, device: str = "cpu", seed: int = 0) -> dict:
+    g = torch.Generator(device).manual_seed(seed)
+    w = torch.randn(n, k, generator=g, device=device) / k**0.5
+    d = int4_quantize(w, group, symmetric=symmetric)
+    d.pop("weight_shape")
+    return d
+
+
+def _int4_mag(x: torch.Tensor, d: dict) -> torch.Tensor:
+    w = int4_dequantize(d["weight_packed"], d["weight_scale"], d.get("weight_zero_point"))
+    return x.float().abs() @ w.abs().t()
+
+
+def _fp8_mag(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block: bool) -> torch.Tensor:
+    xq, xs = fp8_quantize_act(x, 128 if block else None)
+    if block:
+        xs = xs.repeat_interleave(128, dim=1)[:, : x.shape[1]]
+    return (xq.float() * xs).abs() @ fp8_dequantize_weight(q, s).abs().t()
+
+
+# --- act_quant ------------------------------------------------------------------------------------------
+@interp
+def test_fp8_rounding_on_a_dense_grid() -> None:
+    """Scale 1 (amax = 448) makes act_quant a pure fp32 -> e4m3 rounding: ties, subnormals, +-448, -0."""
+    grid = torch.cat([
+        torch.linspace(-448, 448, 60001),
+        torch.linspace(-2**-5, 2**-5, 20001),  # the subnormal range and the first normal binades
+        torch.arange(-64, 65) * 2.0**-10,  # exact ties between subnormals
+        torch.tensor([448.0, -448.0, 0.0, -0.0, 2**-6, 2**-6 - 2**-10, 240.0, 232.0, 248.0]),
+    ]).view(1, -1)
+    q, s = act_quant(grid)
+    assert s.item() == 1.0
+    assert torch.equal(q.view(torch.uint8), grid.to(FP8).view(torch.uint8))
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("m", "k", "group"), [(1, 344, None), (5, 344, 128), (3, 192, 64), (4, 100, 32)])
+def test_act_quant_bit_exact(m: int, k: int, group: int | None, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(m * k)
+    x = (torch.randn(m, k, generator=g) * torch.logspace(-4, 3, k)).to(dtype)
+    x[0, :40] = 0  # an all-zero group: scale clamps at 1e-12 / 448
+    q, s = act_quant(x, group)
+    q_ref, s_ref = fp8_quantize_act(x, group)
+    assert q.dtype == FP8 and s.shape == s_ref.shape
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+# --- int4_gemm ------------------------------------------------------------------------------------------
+INT4_CASES = [  # m, n, k, group, symmetric, forced config (None = the wrapper's heuristic, split-K here)
+    (1, 72, 256, 128, True, None),
+    (5, 40, 192, 64, False, None),
+    (19, 24, 96, 32, False, None),
+    (3, 24, 344, 344, True, None),  # one group per row; K = 344 is not a multiple of the 128-wide step
+    (20, 72, 256, 128, False, GemmConfig(16, 64, 64, 1)),  # M over the row block, no split
+    (33, 40, 256, 64, True, GemmConfig(32, 32, 64, 3)),  # split-K with several row and column tiles
+]
+
+
+@interp
+@pytest.mark.parametrize(("m", "n", "k", "group", "sym", "cfg"), INT4_CASES)
+def test_int4_gemm(m: int, n: int, k: int, group: int, sym: bool, cfg: GemmConfig | None) -> None:
+    d = _int4(n, k, group, sym)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
+    out = int4_gemm(x, d["weight_packed"], d["weight_scale"], d.get("weight_zero_point"), config=cfg)
+    w = int4_dequantize(d["weight_packed"], d["weight_scale"], d.get("weight_zero_point"))
+    assert out.shape == (m, n) and out.dtype == x.dtype
+    _assert_dot_close(out, x @ w.t(), _int4_mag(x, d), k + 2)
+
+
+@interp
+def test_int4_gemm_bf16_io() -> None:
+    """bf16 in, bf16 out: the only extra error is the final rounding to bf16 (2^-8 relative)."""
+    d = _int4(48, 256, 64, False)
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    out = int4_gemm(x, d["weight_packed"], d["weight_scale"], d["weight_zero_point"])
+    ref = x.float() @ int4_dequantize(d["weight_packed"], d["weight_scale"], d["weight_zero_point"]).t()
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 2 * 258 * U * _int4_mag(x, d)).all()
+
+
+@interp
+def test_int4_gemm_rejects_a_step_across_groups() -> None:
+    d = _int4(32, 128, 32, True)
+    with pytest.raises(AssertionError, match="straddles"):
+        int4_gemm(torch.randn(2, 128), d["weight_packed"], d["weight_scale"], config=GemmConfig(16, 32, 64))
+
+
+# --- fp8_gemm -------------------------------------------------------------------------------------------
+FP8_CASES = [  # m, n, k, block, forced config
+    (1, 72, 256, False, None),
+    (1, 200, 344, True, None),  # K = 344: a last, 88-wide activation group and weight block column
+    (19, 24, 192, True, None),
+    (20, 150, 344, False, GemmConfig(16, 64, 128, 1)),
+    (20, 150, 344, True, GemmConfig(16, 64, 128, 2)),
+    (40, 130, 200, False, GemmConfig(32, 32, 64, 1)),  # channel scales allow any K step
+    (5, 150, 344, False, GemmConfig(16, 32, 128, 3)),  # in-kernel per-token quantization, split K
+    (7, 100, 344, True, GemmConfig(16, 16, 128, 2)),  # in-kernel per-group quantization, split K
+]
+
+
+@interp
+@pytest.mark.parametrize(("m", "n", "k", "block", "cfg"), FP8_CASES)
+def test_fp8_gemm(m: int, n: int, k: int, block: bool, cfg: GemmConfig | None) -> None:
+    q, s = fp8_quantize_weight(torch.randn(n, k, generator=torch.Generator().manual_seed(n)), block=block)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * torch.logspace(-2, 2, k)
+    out = fp8_gemm(x, q, s, config=cfg)
+    assert out.shape == (m, n) and out.dtype == x.dtype
+    _assert_dot_close(out, fp8_linear(x, q, s), _fp8_mag(x, q, s, block), k + 4)
+
+
+@interp
+@pytest.mark.parametrize("block", [False, True])
+def test_fp8_gemm_q_shares_one_quantization(block: bool) -> None:
+    q, s = fp8_quantize_weight(torch.randn(48, 344), block=block)
+    x = torch.randn(3, 344)
+    xq, xs = act_quant(x, 128 if block else None)
+    out = fp8_gemm_q(xq, xs, q, s, torch.float32)
+    _assert_dot_close(out, fp8_linear(x, q, s), _fp8_mag(x, q, s, block), 348)
+
+
+@interp
+def test_fp8_gemm_bf16_io() -> None:
+    q, s = fp8_quantize_weight(torch.randn(64, 344), block=True)
+    x = torch.randn(2, 344).to(torch.bfloat16)
+    out = fp8_gemm(x, q, s)
+    ref = fp8_linear(x.float(), q, s)
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 2 * 348 * U * _fp8_mag(x, q, s, True)).all()
+
+
+# --- fused_moe ------------------------------------------------------------------------------------------
+def _experts(e: int, n: int, k: int, fmt: str, device: str = "cpu", seed: int = 0) -> dict:
+    """Stacked compressed-tensors expert weights: fmt is int4-g<group>[-asym] or fp8-channel / fp8-block."""
+    g = torch.Generator(device).manual_seed(seed)
+    ws = [torch.randn(n, k, generator=g, device=device) / k**0.5 for _ in range(e)]
+    if fmt.startswith("int4"):
+        group = int(fmt.split("-")[1][1:])
+        ds = [int4_quantize(w, group, symmetric=not fmt.endswith("asym")) for w in ws]
+        return {key: torch.stack([d[key] for d in ds]) for key in ds[0] if key != "weight_shape"}
+    qs = [fp8_quantize_weight(w, block=fmt == "fp8-block") for w in ws]
+    return {"weight": torch.stack([q for q, _ in qs]), "weight_scale": torch.stack([s for _, s in qs])}
+
+
+def _routing(m: int, e: int, k: int, seed: int, device: str = "cpu", skew: bool = False):
+    """Distinct experts per token, expert e-1 never chosen; skew sends most tokens to experts 0 and 1."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(e - 1, generator=g)[:k] for _ in range(m)])
+    if skew:
+        ids[:, :2] = torch.tensor([0, 1])
+        ids[1::5, :2] = torch.tensor([1, 0])
+    w = torch.rand(m, k, generator=g)
+    return ids.to(device=device, dtype=torch.int32), w.to(device)
+
+
+MOE_FORMATS = ["int4-g32", "int4-g64-asym", "fp8-channel", "fp8-block"]
+
+
+def _assert_moe_close(out: torch.Tensor, ref: torch.Tensor, fmt: str, rel: float = 1e-5) -> None:
+    """Both sides are fp32 chains (gate/up dots, silu, down dot, a k-term sum) in different orders: ~1e-7
+    relative apart, while a wrong row, expert or scale is O(1) off. FP8 experts requantize h per token, and an
+    element of h within an ulp of an fp8 rounding tie can round one fp8 step (2^-3 relative) apart, which
+    moves that token's whole row by ~1e-3: allow that in at most a tenth of the rows (at least one)."""
+    scale = ref.float().abs().max()
+    row_err = (out.float() - ref.float()).abs().amax(dim=1)
+    off = row_err > rel * scale
+    allowed = max(1, out.shape[0] // 10) if fmt.startswith("fp8") else 0
+    assert off.sum() <= allowed, f"{int(off.sum())} rows off, worst {row_err.max() / scale:.3g} relative"
+    assert (row_err <= 2**-5 * scale).all(), f"worst row {row_err.max() / scale:.3g} relative"
+
+
+@interp
+@pytest.mark.parametrize("m", [1, 3, 21])  # decode (one pair per block) x2, grouped (sorted, padded)
+@pytest.mark.parametrize("fmt", MOE_FORMATS)
+def test_fused_moe(fmt: str, m: int) -> None:
+    e, k = 6, 3
+    hidden, inter = (192, 136) if fmt == "fp8-block" else (64, 128)  # fp8-block: K and N not multiples of 128
+    w1, w3 = _experts(e, inter, hidden, fmt, seed=1), _experts(e, inter, hidden, fmt, seed=2)
+    w2 = _experts(e, hidden, inter, fmt, seed=3)
+    x = torch.randn(m, hidden, generator=torch.Generator().manual_seed(m))
+    ids, tw = _routing(m, e, k, seed=m)
+    out = fused_moe(x, ids, tw, w1, w2, w3)
+    ref = fused_moe_ref(x, ids, tw, w1, w2, w3)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    _assert_moe_close(out, ref, fmt)
+
+
+@interp
+def test_fused_moe_skewed_routing_and_decode_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Experts with several blocks, one with none; the decode path gives the grouped path's answer."""
+    e, k, m, hidden, inter = 5, 2, 40, 64, 64
+    w1, w3, w2 = (_experts(e, n, kk, "int4-g32-asym", seed=s) for n, kk, s in
+                  ((inter, hidden, 1), (inter, hidden, 2), (hidden, inter, 3)))
+    x = torch.randn(m, hidden)
+    ids, tw = _routing(m, e, k, seed=0, skew=True)
+    grouped = fused_moe(x, ids, tw, w1, w2, w3)
+    ref = fused_moe_ref(x, ids, tw, w1, w2, w3)
+    _assert_moe_close(grouped, ref, "int4")
+    monkeypatch.setattr(fused_moe_mod, "DECODE_MAX_TOKENS", m)
+    decode = fused_moe(x, ids, tw, w1, w2, w3)
+    _assert_moe_close(decode, ref, "int4")
+
+
+@interp
+def test_fused_moe_bf16_io() -> None:
+    e, k, m, hidden, inter = 4, 2, 12, 64, 64
+    w1, w3, w2 = (_experts(e, n, kk, "fp8-channel", seed=s) for n, kk, s in
+                  ((inter, hidden, 1), (inter, hidden, 2), (hidden, inter, 3)))
+    x = torch.randn(m, hidden).to(torch.bfloat16)
+    ids, tw = _routing(m, e, k, seed=0)
+    out = fused_moe(x, ids, tw, w1, w2, w3)
+    ref = fused_moe_ref(x, ids, tw, w1, w2, w3)  # rounds h to bf16 like the kernel, sums in fp32
+    assert out.dtype == torch.bfloat16
+    _assert_moe_close(out, ref, "fp8", rel=2**-8)  # plus the bf16 rounding of the output
+
+
+@pytest.mark.parametrize(("m", "k", "e", "bm"), [(1, 6, 64, 16), (7, 2, 4, 16), (50, 3, 6, 16), (9, 2, 3, 32)])
+def test_moe_align(m: int, k: int, e: int, bm: int) -> None:
+    ids, _ = _routing(m, e, k, seed=m, skew=m > 10)
+    pair_ids, expert_ids = moe_align(ids, e, bm)
+    t = m * k
+    assert pair_ids.numel() == expert_ids.numel() * bm  # static size, from (M, k, E, BM) only
+    assert expert_ids.numel() == -(-(t + min(e, t) * (bm - 1)) // bm)
+    real = pair_ids[pair_ids < t]
+    assert torch.equal(real.sort().values, torch.arange(t, dtype=torch.int32))  # every pair exactly once
+    blocks = pair_ids.view(-1, bm)
+    flat = ids.flatten()
+    for b, ex in enumerate(expert_ids.tolist()):
+        rows = blocks[b][blocks[b] < t].long()
+        if ex < 0:
+            assert rows.numel() == 0
+        else:
+            assert rows.numel() > 0 and (flat[rows] == ex).all()
+    used = expert_ids[expert_ids >= 0]
+    assert (used[1:] >= used[:-1]).all() and (expert_ids[used.numel():] == -1).all()
+
+
+# --- sm_90 compile check (no GPU needed) -----------------------------------------------------------------
+_COMPILE_SCRIPT = r"""
+import importlib, itertools, json, os, re, subprocess, sys, tempfile
+import torch, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+mod = lambda name: importlib.import_module("dsq.kernels." + name)  # the package attributes are the functions
+aq, ig, fg, fm = mod("act_quant"), mod("int4_gemm"), mod("fp8_gemm"), mod("fused_moe")
+x = torch.empty(1, 2048, dtype=torch.bfloat16)
+specs = []  # (kernel, pointer types, constexprs, warps, stages): the launches the wrappers make on bf16 inputs
+for block in (128, 2048):
+    specs.append((aq._act_quant_kernel, dict(x_ptr="*bf16", q_ptr="*u8", s_ptr="*fp32"),
+                  dict(FMAX=448.0, BLOCK=block), 4 if block <= 1024 else 8, 3))
+specs.append((ig._splitk_reduce_kernel, dict(ws_ptr="*fp32", out_ptr="*bf16"), dict(BLOCK=1024), 4, 3))
+for m, zp, split in [(1, True, True), (1, False, False), (32, True, False), (100, False, True), (1024, True, False)]:
+    c = ig.int4_config(m, 1408, 2048, 128, x)
+    specs.append((ig._int4_gemm_kernel, dict(x_ptr="*bf16", wp_ptr="*i32", ws_ptr="*bf16", wz_ptr="*i32",
+                  out_ptr="*fp32" if split else "*bf16"), dict(HAS_ZP=zp, BM=c.bm, BN=c.bn, BK=c.bk,
+                  GROUP_M=c.group_m, DOT=tl.bfloat16), c.warps, c.stages))
+for m, block in itertools.product((1, 16, 32, 100, 1024), (True, False)):
+    c, quant = fg.fp8_config(m, 2048, 10944, x), m <= fg.SMALL_M
+    specs.append((fg._fp8_gemm_kernel, dict(a_ptr="*bf16" if quant else "*fp8e4nv", as_ptr="*bf16" if quant
+                  else "*fp32", w_ptr="*fp8e4nv", ws_ptr="*fp32", out_ptr="*fp32" if m == 1 else "*bf16"),
+                  dict(BLOCK_SCALES=block, QUANT_A=quant, FMAX=448.0, BM=c.bm, BN=c.bn, BK=c.bk,
+                  GROUP_M=c.group_m), c.warps, c.stages))
+for fmt, gated, bm in itertools.product(("int4", "int4-asym", "fp8", "fp8-block"), (True, False), (16, 64)):
+    fp8, w, decode = fmt.startswith("fp8"), "*fp8e4nv" if fmt.startswith("fp8") else "*i32", bm == 16
+    s, act_q = "*fp32" if fp8 else "*bf16", fp8 and not decode  # grouped FP8 runs act_quant first
+    specs.append((fm._moe_kernel, dict(a_ptr="*fp8e4nv" if act_q else "*bf16", as_ptr="*fp32" if act_q else
+                  "*bf16", out_ptr="*bf16" if gated else "*fp32", w_ptr=w, ws_ptr=s, wz_ptr="*i32", v_ptr=w,
+                  vs_ptr=s, vz_ptr="*i32", pair_ids_ptr="*i32", expert_ids_ptr="*i32", topk_w_ptr="*fp32"),
+                  dict(GATED=gated, FP8_W=fp8, BLOCK_SCALES=fmt == "fp8-block", HAS_ZP=fmt == "int4-asym",
+                  QUANT_A=fp8 and decode, DECODE=decode, FMAX=448.0, BM=bm, BN=64,
+                  BK=128 if fp8 else ig.int4_step(128, 2048, 128 if decode else 64), DOT=tl.bfloat16), 8, 3))
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+for fn, ptrs, consts, warps, stages in specs:
+    sig = {a: ptrs.get(a, "i32") for a in fn.arg_names} | dict.fromkeys(consts, "constexpr")
+    assert all(a in ptrs for a in fn.arg_names if a.endswith("_ptr")), fn.arg_names
+    # what a launch specializes on for model shapes: 16-byte aligned pointers, strides and sizes % 16 == 0
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if a.endswith("_ptr") or a.startswith("stride") or a in ("K", "N")}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    spill = -1
+    if os.path.exists(ptxas):
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+            f.write(k.asm["ptx"])
+            f.flush()
+            log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                                 capture_output=True, text=True, check=True).stderr
+        spill = int(re.search(r"(\d+) bytes spill stores", log).group(1))
+    print(json.dumps(dict(kernel=fn.__name__, consts={a: str(v) for a, v in consts.items()}, spill=spill)))
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_spills() -> None:
+    """Compile the launches the wrappers make (bf16 inputs) for an H200 without one: the interpreter never
+    runs Triton's GPU compiler, which rejects things it accepts. Register spills would cost bandwidth."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = [json.loads(line) for line in run.stdout.splitlines()]
+    assert len(results) == 34
+    assert all(r["spill"] <= 0 for r in results), [r for r in results if r["spill"] > 0]
+
+
+# --- GPU: compiled kernels, bf16, model-like shapes ------------------------------------------------------
+@gpu
+@needs_cuda
+@pytest.mark.parametrize(("m", "k", "group"), [(1, 10944, None), (7, 10944, 128), (300, 2048, 128), (64, 576, 64)])
+def test_gpu_act_quant(m: int, k: int, group: int | None) -> None:
+    x = (torch.randn(m, k, device="cuda") * torch.logspace(-3, 2, k, device="cuda")).to(torch.bfloat16)
+    q, s = act_quant(x, group)
+    q_ref, s_ref = fp8_quantize_act(x, group)
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 5, 16, 33, 100, 600])
+@pytest.mark.parametrize(("n", "k", "group", "sym"), [(1408, 2048, 128, True), (2048, 1408, 64, False),
+                                                      (3072, 2048, 32, True), (576, 344, 344, True)])
+def test_gpu_int4_gemm(m: int, n: int, k: int, group: int, sym: bool) -> None:
+    d = _int4(n, k, group, sym, device="cuda")
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    out = int4_gemm(x, d["weight_packed"], d["weight_scale"], d.get("weight_zero_point"))
+    ref = x.float() @ int4_dequantize(d["weight_packed"], d["weight_scale"], d.get("weight_zero_point")).t()
+    # bf16 operands are exact in the tensor cores (x is bf16, q - zero a small integer); fp32 accumulation,
+    # then the bf16 output rounding
+    assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 2 * (k + 2) * U * _int4_mag(x, d)).all()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 4, 16, 33, 200, 1000])
+@pytest.mark.parametrize(("n", "k", "block"), [(2048, 10944, True), (10944, 2048, True), (3072, 2048, False),
+                                               (576, 2048, False), (4096, 512, True)])
+def test_gpu_fp8_gemm(m: int, n: int, k: int, block: bool) -> None:
+    q, s = fp8_quantize_weight(torch.randn(n, k, device="cuda") / k**0.5, block=block)
+    x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    out = fp8_gemm(x, q, s)
+    ref = fp8_linear(x.float(), q, s)
+    # Hopper's FP8 tensor cores accumulate with ~2^-13 relative precision inside an MMA chain (the reason
+    # DeepGEMM promotes to fp32 every few steps): allow 2^-10 of the magnitude, plus the bf16 output rounding
+    assert ((out.float() - ref).abs() <= 2**-8 * ref.abs() + 2**-10 * _fp8_mag(x, q, s, block)).all()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 4, 64, 300])
+@pytest.mark.parametrize("fmt", ["int4-g128", "int4-g128-asym", "fp8-channel", "fp8-block"])
+def test_gpu_fused_moe_v2_lite(fmt: str, m: int) -> None:
+    e, k, hidden, inter = 64, 6, 2048, 1408
+    w1, w3 = _experts(e, inter, hidden, fmt, "cuda", 1), _experts(e, inter, hidden, fmt, "cuda", 2)
+    w2 = _experts(e, hidden, inter, fmt, "cuda", 3)
+    x = torch.randn(m, hidden, device="cuda").to(torch.bfloat16)
+    ids, tw = _routing(m, e, k, seed=m, device="cuda")
+    out = fused_moe(x, ids, tw, w1, w2, w3)
+    ref = fused_moe_ref(x, ids, tw, w1, w2, w3)
+    _assert_moe_close(out, ref, "fp8", rel=2**-7)  # bf16 output; h elements a bf16 or fp8 step apart
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 64])  # decode path and grouped path
+def test_gpu_fused_moe_cuda_graph(m: int) -> None:
+    """No host sync (sync debug mode errors on one) and replayable from a CUDA graph with new inputs."""
+    e, k, hidden, inter = 64, 6, 2048, 1408
+    w1, w3 = _experts(e, inter, hidden, "int4-g128", "cuda", 1), _experts(e, inter, hidden, "int4-g128", "cuda", 2)
+    w2 = _experts(e, hidden, inter, "int4-g128", "cuda", 3)
+    x = torch.randn(m, hidden, device="cuda").to(torch.bfloat16)
+    ids, tw = _routing(m, e, k, seed=0, device="cuda")
+    fused_moe(x, ids, tw, w1, w2, w3)  # compile outside the capture
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fused_moe(x, ids, tw, w1, w2, w3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe(x, ids, tw, w1, w2, w3)
+    new_ids, new_tw = _routing(m, e, k, seed=1, device="cuda")
+    x.copy_(torch.randn_like(x))
+    ids.copy_(new_ids)
+    tw.copy_(new_tw)
+    graph.replay()
+    torch.cuda.synchronize()
+    _assert_moe_close(out, fused_moe_ref(x, ids, tw, w1, w2, w3), "fp8", rel=2**-7)
