@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Annotated, Optional, TypeVar
 
 import typer
-from dsq.cli.quantize import quantize
 from rich.console import Console
 
+from dsq.cli.quantize import quantize
 from dsq.errors import DsqError
 
 app = typer.Typer(
@@ -46,6 +46,8 @@ def command(fn: F) -> F:
 ModelArg = Annotated[str, typer.Argument(help="A model folder or a Hugging Face Hub repo id (owner/name).")]
 Device = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
 Revision = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")]  # noqa: UP045
+TP = Annotated[int, typer.Option("--tp", min=1, help="Split the model over N ranks (a GPU each with cuda, "
+                                                     "processes on cpu): tensor + expert parallel.")]
 
 
 @command
@@ -61,9 +63,12 @@ def generate(
     ids: Annotated[bool, typer.Option("--ids", help="Take and print token ids instead of text.")] = False,
     device: Device = "cpu",
     revision: Revision = None,
+    tp: TP = 1,
 ) -> None:
     """Complete a prompt and print the completion as it is generated."""
+    params = dict(locals())
     from dsq import load_quantized
+    from dsq.parallel import launch
     from dsq.tokenizer import TextStream
 
     if ids:
@@ -71,8 +76,10 @@ def generate(
             prompt_ids = [int(t) for t in prompt.replace(",", " ").split()]
         except ValueError:
             raise DsqError(f"--prompt {prompt!r}: with --ids, give whitespace-separated integers") from None
+    if tp > 1 and launch(tp, generate, params):  # ran this command on tp ranks; rank 0 printed
+        return
     with console.status("loading model"):
-        m = load_quantized(model, device=device, revision=revision)
+        m = load_quantized(model, device=device, revision=revision, tp=tp)
     if ids:
         out = m.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                          top_k=top_k, seed=seed)
@@ -99,16 +106,22 @@ def chat(
     context: Annotated[int, typer.Option(min=16, help="Context length in tokens (cache size).")] = 4096,
     device: Device = "cpu",
     revision: Revision = None,
+    tp: TP = 1,
 ) -> None:
     """Chat with a model in the terminal, in its chat template; the reply streams as it is generated."""
+    params = dict(locals())
     from dsq import load_quantized
     from dsq.chat import run_chat
     from dsq.generate import Sampling
+    from dsq.parallel import launch, terminal
 
     sampling = Sampling(temperature, top_k, top_p)
+    if tp > 1 and launch(tp, chat, params):  # ran this command on tp ranks; rank 0 read and printed
+        return
     with console.status("loading model"):
-        m = load_quantized(model, device=device, revision=revision, max_seq_len=context)
-    run_chat(m, sampling, max_new_tokens, context, system, seed, console)
+        m = load_quantized(model, device=device, revision=revision, max_seq_len=context, tp=tp)
+    with terminal(console, m.net.dist) as term:  # on N ranks: rank 0 reads, the others follow
+        run_chat(m, sampling, max_new_tokens, context, system, seed, term)
 
 
 @command

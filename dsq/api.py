@@ -13,8 +13,9 @@ from dsq.checkpoint import Checkpoint, resolve, role
 from dsq.config import Config
 from dsq.errors import DsqError
 from dsq.generate import Sampling, generate, steps
-from dsq.loader import load_model
+from dsq.loader import load_model, read_config
 from dsq.model import Transformer
+from dsq.parallel import init, rank_bytes
 from dsq.plan import Plan, plan, weight_bytes
 from dsq.tokenizer import TextStream, Tokenizer
 
@@ -33,6 +34,7 @@ def load_quantized(
     kv_cache_dtype: str = "fp8",
     gpu_memory_utilization: float = 0.9,
     cuda_graphs: bool = True,
+    tp: int = 1,
     **options: Any,
 ) -> Model:
     """Load a dsq-quantized folder, or an unquantized DeepSeek-V2 checkpoint as it is, from a local folder
@@ -41,12 +43,17 @@ def load_quantized(
     cache's layout: "fp8" (656 B per token and layer for V2), "bf16", or "fp32" (the exact reference).
     On a GPU the memory planner first checks that weights, activations and a cache of max_seq_len tokens
     (default 4096) fit in gpu_memory_utilization of the device, and says what to change if they don't.
-    cuda_graphs replays decode steps from CUDA graphs (GPU and Triton backend only)."""
+    cuda_graphs replays decode steps from CUDA graphs (GPU and Triton backend only, tp=1).
+    tp > 1: this process is one of tp ranks (started by torchrun, or by `dsq generate/chat --tp`), holding its
+    share of the heads, experts and vocab (docs/parallel.md); every rank makes the same calls."""
     if options:
         raise DsqError(f"unknown option(s) {', '.join(sorted(options))} for load_quantized")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DsqError("device cuda: no CUDA GPU is visible; use device='cpu'")
+    if tp < 1:
+        raise DsqError(f"tp must be >= 1, got {tp}")
+    rank, device = init(tp, device) if tp > 1 else (0, device)
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise DsqError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -59,25 +66,28 @@ def load_quantized(
         raise DsqError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {', '.join(KINDS)}")
     folder = resolve(path_or_repo, revision)
     if device.type == "cuda":
-        check_fits(folder, device, dtype, kv_cache_dtype, gpu_memory_utilization, max_seq_len or 4096)
-    net = load_model(folder, device, dtype)
+        check_fits(folder, device, dtype, kv_cache_dtype, gpu_memory_utilization, max_seq_len or 4096, rank, tp)
+    net = load_model(folder, device, dtype, rank, tp)
     net.cache_kind = kv_cache_dtype
     for module in net.modules():
         if hasattr(module, "backend"):
             module.backend = backend
     tokenizer = Tokenizer(folder) if (folder / "tokenizer.json").exists() else None
-    graphs = cuda_graphs and device.type == "cuda" and backend == "triton"
+    graphs = cuda_graphs and device.type == "cuda" and backend == "triton" and tp == 1
     return Model(net, tokenizer, folder, max_seq_len, graphs)
 
 
 def check_fits(folder: Path, device: torch.device, dtype: torch.dtype, kind: str, utilization: float,
-               tokens: int) -> Plan:
+               tokens: int, rank: int = 0, world: int = 1) -> Plan:
     """Run the memory planner against the device's free memory before anything is allocated."""
     cfg = Config.from_file(folder / "config.json")
     ckpt = Checkpoint(folder)
     int4 = any(n.endswith("weight_packed") for n in ckpt.files if role(n) == "experts")
     free, total = torch.cuda.mem_get_info(device)
-    return plan(cfg, weight_bytes(ckpt, dtype), total, free, utilization, kind, need_tokens=tokens,
+    weights = weight_bytes(ckpt, dtype)
+    if world > 1:  # only this rank's slices and experts
+        weights = sum(rank_bytes(cfg, world, read_config(folder)[1], rank, dtype).values())
+    return plan(cfg, weights, total, free, utilization, kind, need_tokens=tokens,
                 prefill_tokens=min(tokens, 4096), dtype_bytes=torch.empty(0, dtype=dtype).element_size(),
                 int4_experts=int4)
 

@@ -63,7 +63,9 @@ def steps(
     """Yield the next token of every prompt, step by step: a prefill, then one absorbed decode per step.
     Stop iterating to stop early. `context` caps prompt + new tokens (default: the model's). With a `cache`
     whose first `start[i]` positions already hold sequence i, the prompts continue it (multi-turn chat).
-    `graphs` replays decode steps from a CUDA graph (needs the Triton backend on a GPU)."""
+    `graphs` replays decode steps from a CUDA graph (needs the Triton backend on a GPU).
+    On N ranks, rank 0's prompts and its sampled tokens are the ones every rank runs (dsq/parallel.py)."""
+    prompts, start, max_new_tokens = model.dist.share((prompts, start, max_new_tokens))
     if not prompts or any(len(p) == 0 for p in prompts):
         raise DsqError("every prompt needs at least one token")
     vocab = model.cfg.vocab_size
@@ -89,7 +91,7 @@ def steps(
     logits = model(tokens, pos, cache, absorb=bool(first.any()), last=lens - 1)
     decode = GraphDecoder(model, cache, cache.block_table.shape[0]) if graphs else None
     for step in range(max_new_tokens):
-        nxt = sample(logits, sampling, generator)
+        nxt = model.dist.agree(sample(logits, sampling, generator))
         yield nxt.tolist()
         if step < max_new_tokens - 1:
             at = (first + lens + step)[:, None]

@@ -1,6 +1,8 @@
 """Build a Transformer from a checkpoint folder: config -> modules in the declared formats -> tensors.
 
-One table maps Hugging Face names onto dsq's; per-expert tensors land in one slot of a stacked weight."""
+One table maps Hugging Face names onto dsq's; per-expert tensors land in one slot of a stacked weight.
+On N ranks (dsq/parallel.py) each rank reads only its own slices (safetensors get_slice) and its own
+experts; the other ranks' experts are never read."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from dsq.checkpoint import Checkpoint
@@ -16,6 +19,7 @@ from dsq.config import Config
 from dsq.errors import DsqError
 from dsq.layers import Experts, Linear, Scheme
 from dsq.model import Transformer
+from dsq.parallel import Dist, extents, plan, splits
 
 # Hugging Face name component -> dsq name component.
 RENAME = {
@@ -67,8 +71,9 @@ def swap_formats(model: Transformer, scheme: Scheme, dtype: torch.dtype) -> None
     for name, module in list(model.named_modules()):
         parent, _, attr = name.rpartition(".")
         if isinstance(module, Experts):
-            makes = {scheme.format(hf_module(f"{name}.w1", e)) for e in range(module.n_experts)}
-            makes |= {scheme.format(hf_module(f"{name}.{w}", 0)) for w in ("w2", "w3")}
+            lo = model.dist.shard.experts[0]  # this rank's first expert
+            makes = {scheme.format(hf_module(f"{name}.w1", lo + e)) for e in range(module.n_experts)}
+            makes |= {scheme.format(hf_module(f"{name}.{w}", lo)) for w in ("w2", "w3")}
             if len({_key(m) for m in makes}) != 1:
                 raise DsqError(f"{scheme.where}: the routed experts of {hf_module(name)} mix formats; "
                                "dsq needs one format for all experts of a layer")
@@ -81,21 +86,57 @@ def swap_formats(model: Transformer, scheme: Scheme, dtype: torch.dtype) -> None
         model.get_submodule(parent).register_module(attr, new) if parent else setattr(model, attr, new)
 
 
+def _read_slice(model: Transformer, ckpt: Checkpoint, hf: str, split: tuple[int, str, int], module: str,
+                dst: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a tensor-parallel tensor, read without the rest of it.
+
+    The rank holds rows (dim 0) or columns (dim 1) [a, b) of the logical [out, in] weight, L long. A stored
+    tensor S long along that dim (the weight, packed words, group or block scales) holds them from a * S // L:
+    exact, as the plan cuts on whole packing units. A [out, 1] channel scale keeps its one column."""
+    dim, rng, width = split
+    if hf.endswith(".weight_shape"):  # INT4's [out, in], now this rank's
+        m = model.get_submodule(module)
+        return torch.tensor([m.out_features, m.in_features])
+    shape = ckpt.shape(hf)
+    a = getattr(model.dist.shard, rng)[0] * width
+    start = a * shape[dim] // (extents(model.cfg)[rng] * width)
+    want = [*shape[:dim], dst.shape[dim], *shape[dim + 1:]]
+    if list(dst.shape) != want or start + dst.shape[dim] > shape[dim]:
+        raise DsqError(f"{ckpt.folder}: tensor {hf} has shape {shape}, which does not hold this rank's part "
+                       f"{list(dst.shape)}; the checkpoint is not made for this config")
+    index = tuple(slice(start, start + dst.shape[dim]) if d == dim else slice(None) for d in range(len(shape)))
+    try:  # Checkpoint reads whole tensors; a slice goes through its safetensors handle
+        t = ckpt._handle(hf).get_slice(hf)[index]
+    except SafetensorError as e:
+        raise DsqError(f"{ckpt.folder / ckpt.files[hf]}: tensor {hf} is unreadable ({e}); "
+                       "the file is corrupt or truncated, re-download it") from None
+    if t.is_floating_point() and t.element_size() > 1 and not torch.isfinite(t).all():
+        raise DsqError(f"{ckpt.folder / ckpt.files[hf]}: tensor {hf} holds NaN or Inf values; "
+                       "the checkpoint is damaged")
+    return t
+
+
 def _key(make) -> tuple:
     """Comparable identity of a module factory (a class or a functools.partial of one)."""
     return (getattr(make, "func", make), tuple(sorted(getattr(make, "keywords", {}).items())))
 
 
-def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> Transformer:
+def read_config(folder: Path) -> tuple[Config, Scheme]:
+    """A model folder's Config and the formats its quantization_config declares."""
     hf_cfg_path = folder / "config.json"
     if not hf_cfg_path.exists():
         raise DsqError(f"{hf_cfg_path}: not found; a model folder needs its config.json")
     hf_cfg = json.loads(hf_cfg_path.read_text())
-    cfg = Config.from_hf(hf_cfg, source=str(hf_cfg_path))
-    scheme = Scheme(hf_cfg.get("quantization_config"), where=str(hf_cfg_path))
+    return (Config.from_hf(hf_cfg, source=str(hf_cfg_path)),
+            Scheme(hf_cfg.get("quantization_config"), where=str(hf_cfg_path)))
+
+
+def load_model(folder: Path, device: torch.device, dtype: torch.dtype, rank: int = 0, world: int = 1) -> Transformer:
+    """The model in the formats its config declares; on `world` ranks, rank `rank`'s part of it."""
+    cfg, scheme = read_config(folder)
     ckpt = Checkpoint(folder)
     with torch.device("meta"):
-        model = Transformer(cfg, dtype)
+        model = Transformer(cfg, dtype, Dist(plan(cfg, world, scheme), rank))
     swap_formats(model, scheme, dtype)
     model.to_empty(device=device)
     model.init_rope()
@@ -104,22 +145,32 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> Transf
 
 
 def load_tensors(model: Transformer, ckpt: Checkpoint, device: torch.device) -> None:
-    """Copy every checkpoint tensor into its slot; name the missing, unexpected and misshapen ones."""
+    """Copy every checkpoint tensor (this rank's slice of it) into its slot; name the missing, unexpected
+    and misshapen ones."""
     targets = dict(model.named_parameters()) | dict(model.named_buffers())
     targets.pop("inv_freq")
     pending = {n: set(range(model.get_submodule(n.rsplit(".", 2)[0]).n_experts)) if ".experts." in n else None
                for n in targets}
     unexpected = []
+    split, (lo, hi) = (splits(model.cfg) if model.dist.world > 1 else {}), model.dist.shard.experts
     for hf in ckpt.files:
         name, expert = dsq_name(hf)
-        if name not in targets:
+        if name not in targets or (expert is not None and expert >= model.cfg.n_routed_experts):
             unexpected.append(hf)
             continue
+        if expert is not None:
+            if not lo <= expert < hi:
+                continue  # another rank's expert
+            expert -= lo
         dst = targets[name] if expert is None else targets[name][expert]
-        shape = ckpt.shape(hf)
-        if list(dst.shape) != shape:
-            raise DsqError(f"{ckpt.folder}: tensor {hf} has shape {shape}, the config implies {list(dst.shape)}")
-        src = ckpt.get(hf, device)
+        module = name.rpartition(".")[0]
+        if module in split:
+            src = _read_slice(model, ckpt, hf, split[module], module, dst).to(device)
+        else:
+            shape = ckpt.shape(hf)
+            if list(dst.shape) != shape:
+                raise DsqError(f"{ckpt.folder}: tensor {hf} has shape {shape}, the config implies {list(dst.shape)}")
+            src = ckpt.get(hf, device)
         if src.is_floating_point() != dst.is_floating_point() or (dst.element_size() == 1 and src.dtype != dst.dtype):
             raise DsqError(f"{ckpt.folder}: tensor {hf} is {src.dtype}, expected {dst.dtype} for this format")
         dst.copy_(src)

@@ -1,7 +1,9 @@
 """DeepSeek-V2 in plain PyTorch: MLA attention over a latent cache, DeepSeekMoE, YaRN rope.
 
 Names are short (DeepSeek-V3 inference style); dsq/loader.py maps the Hugging Face names onto them.
-Every weight matmul goes through dsq.layers (Linear / Experts), where quantized formats swap in."""
+Every weight matmul goes through dsq.layers (Linear / Experts), where quantized formats swap in.
+Modules are built with this rank's shapes (`Dist.shard`, dsq/parallel.py): its heads, intermediate
+columns, experts and vocab rows; a Block sums the ranks' partial outputs with `Dist.all_reduce`."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from torch import nn
 from dsq.cache import PagedCache
 from dsq.config import Config
 from dsq.layers import Experts, Linear
+from dsq.parallel import Dist
 
 
 class RMSNorm(nn.Module):
@@ -55,9 +58,9 @@ class MLA(nn.Module):
     """Multi-head latent attention. Naive path (prefill): expand K/V per head from the latent.
     Absorbed path (decode): fold W_UK into the query and W_UV after attention, attending the latent cache."""
 
-    def __init__(self, cfg: Config, dtype: torch.dtype):
+    def __init__(self, cfg: Config, dtype: torch.dtype, dist: Dist):
         super().__init__()
-        d, h = cfg.hidden_size, cfg.num_attention_heads
+        d, h = cfg.hidden_size, dist.shard.heads[1] - dist.shard.heads[0]  # this rank's heads
         self.h, self.p, self.r, self.v, self.c = (h, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
                                                   cfg.kv_lora_rank)
         self.scale = cfg.softmax_scale
@@ -67,10 +70,10 @@ class MLA(nn.Module):
             self.wq_b = Linear(cfg.q_lora_rank, h * (self.p + self.r), dtype=dtype)
         else:
             self.wq = Linear(d, h * (self.p + self.r), dtype=dtype)
-        self.wkv_a = Linear(d, self.c + self.r, dtype=dtype)
+        self.wkv_a = Linear(d, self.c + self.r, dtype=dtype)  # replicated: every rank caches the whole latent
         self.kv_norm = RMSNorm(self.c, cfg.rms_norm_eps, dtype)
         self.wkv_b = Linear(self.c, h * (self.p + self.v), dtype=dtype)
-        self.wo = Linear(h * self.v, d, dtype=dtype)
+        self.wo = Linear(h * self.v, d, dtype=dtype)  # row-parallel: a partial sum over this rank's heads
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: PagedCache | None, layer: int, absorb: bool) -> torch.Tensor:
@@ -130,7 +133,8 @@ class Gate(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: the dense layers and the shared experts."""
+    """SwiGLU: the dense layers and the shared experts. On N ranks `inter` is this rank's columns and the
+    output a partial sum."""
 
     def __init__(self, dim: int, inter: int, dtype: torch.dtype):
         super().__init__()
@@ -142,42 +146,82 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: Config, dtype: torch.dtype):
+    """Routed experts + shared experts. On N ranks this rank holds experts [lo, hi) and its columns of the
+    shared experts; the output is its partial sum (routed and shared together, so one all-reduce follows)."""
+
+    def __init__(self, cfg: Config, dtype: torch.dtype, dist: Dist):
         super().__init__()
         d = cfg.hidden_size
-        self.gate = Gate(cfg)
-        self.experts = Experts(cfg.n_routed_experts, d, cfg.moe_intermediate_size, dtype=dtype)
-        self.shared = MLP(d, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype) if cfg.n_shared_experts else None
+        self.lo, self.hi = dist.shard.experts
+        self.gate = Gate(cfg)  # replicated: every rank routes every token
+        self.experts = Experts(self.hi - self.lo, d, cfg.moe_intermediate_size, dtype=dtype)
+        shared = dist.shard.shared[1] - dist.shard.shared[0]
+        self.shared = MLP(d, shared, dtype) if cfg.n_shared_experts else None
+        self.all_here = self.hi - self.lo == cfg.n_routed_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weight, idx = self.gate(flat)
-        y = self.experts(flat, idx, weight).view_as(x)
+        y = self.experts(flat, idx, weight) if self.all_here else self._local(flat, weight, idx)
+        y = y.view_as(x)
         return y + self.shared(x) if self.shared is not None else y
+
+    def _local(self, flat: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The contributions of this rank's experts only: each (token, slot) routed here is run as a token
+        with one slot, and added back to its token; the rest of the sum lives on other ranks."""
+        token, slot = ((idx >= self.lo) & (idx < self.hi)).nonzero(as_tuple=True)
+        y = torch.zeros_like(flat)
+        if len(token):
+            pairs = self.experts(flat[token], idx[token, slot, None] - self.lo, weight[token, slot, None])
+            y.index_add_(0, token, pairs)
+        return y
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, layer: int, dtype: torch.dtype):
+    """Attention then MLP or MoE, each a residual. On N ranks each returns a partial sum, completed by one
+    all-reduce: two per layer, the fewest the RMSNorm between them allows."""
+
+    def __init__(self, cfg: Config, layer: int, dtype: torch.dtype, dist: Dist):
         super().__init__()
-        self.layer = layer
+        self.layer, self.dist = layer, dist
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.attn = MLA(cfg, dtype)
+        self.attn = MLA(cfg, dtype, dist)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.ffn = MoE(cfg, dtype) if cfg.is_moe(layer) else MLP(cfg.hidden_size, cfg.intermediate_size, dtype)
+        dense = dist.shard.dense[1] - dist.shard.dense[0]
+        self.ffn = MoE(cfg, dtype, dist) if cfg.is_moe(layer) else MLP(cfg.hidden_size, dense, dtype)
 
     def forward(self, x, pos, rope, cache, absorb) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), pos, rope, cache, self.layer, absorb)
-        return x + self.ffn(self.ffn_norm(x))
+        x = x + self.dist.all_reduce(self.attn(self.attn_norm(x), pos, rope, cache, self.layer, absorb))
+        return x + self.dist.all_reduce(self.ffn(self.ffn_norm(x)))
+
+
+class Embedding(nn.Module):
+    """Token embedding, vocab-parallel on N ranks: this rank holds rows [lo, hi); other rows look up zeros
+    here and the all-reduce fills them in from the rank that holds them."""
+
+    def __init__(self, dim: int, dtype: torch.dtype, dist: Dist):
+        super().__init__()
+        self.dist, (self.lo, self.hi) = dist, dist.shard.vocab
+        self.weight = nn.Parameter(torch.empty(self.hi - self.lo, dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.dist.world == 1:
+            return F.embedding(tokens, self.weight)
+        here = (tokens >= self.lo) & (tokens < self.hi)
+        x = F.embedding((tokens - self.lo) * here, self.weight).masked_fill_(~here[..., None], 0)
+        return self.dist.all_reduce(x)
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: Config, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, cfg: Config, dtype: torch.dtype = torch.bfloat16, dist: Dist | None = None):
         super().__init__()
         self.cfg, self.dtype = cfg, dtype
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(Block(cfg, i, dtype) for i in range(cfg.num_hidden_layers))
+        self.dist = dist = dist or Dist.single(cfg)
+        self.embed = Embedding(cfg.hidden_size, dtype, dist)
+        self.layers = nn.ModuleList(Block(cfg, i, dtype, dist) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.head = Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype)
+        self.vocab = [hi - lo for lo, hi in (s.vocab for s in dist.shards)]  # every rank's slice of the logits
+        self.head = Linear(cfg.hidden_size, self.vocab[dist.rank], dtype=dtype)  # column-parallel
         self.register_buffer("inv_freq", torch.empty(cfg.qk_rope_head_dim // 2), persistent=False)
         self.requires_grad_(False)
         self.cache_kind, self.backend = "fp8", "torch"  # set by load_quantized
@@ -203,4 +247,4 @@ class Transformer(nn.Module):
             x = layer(x, pos, rope, cache, absorb)
         if last is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last]
-        return self.head(self.norm(x)).float()
+        return self.dist.all_gather(self.head(self.norm(x)).float(), self.vocab)

@@ -27,6 +27,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+
 from dsq.kernels.mla_cache import LatentPool, gather_latents, group_size, round_bf16
 
 _LOG2E = 1.4426950408889634

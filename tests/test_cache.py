@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dsq.kernels.mla_cache import write_latent_cache_ref
 from tiny import make_tiny
 
 import dsq
 from dsq.cache import PagedCache
+from dsq.kernels.mla_cache import write_latent_cache_ref
 
 
 class FakeQuantCache(PagedCache):

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from dsq.cli.main import app
 from safetensors.torch import load_file, save_file
 from tiny import make_tiny
 from typer.testing import CliRunner
 
 import dsq
+from dsq.cli.main import app
 from dsq.config import Config
 from dsq.errors import DsqError
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+
 from dsq.kernels.mla import (
     GROUP,
     LatentPool,

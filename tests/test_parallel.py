@@ -1,0 +1,286 @@
+"""Tensor + expert parallelism on CPU gloo: N ranks give 1 rank's tokens and logits, each rank reads only its
+own part of the checkpoint, splits refuse clearly where a format forbids them, and a dead rank ends the job.
+
+Ranks are real processes (torchrun for the library, `dsq ... --tp` for the CLI); each costs a torch import,
+so every configuration runs in one job per world size (this file, run as a script, is the worker)."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from tiny import V2, make_tiny
+
+import dsq
+from dsq.cache import bytes_per_token
+from dsq.checkpoint import Checkpoint
+from dsq.config import Config
+from dsq.demo import write_tokenizer
+from dsq.errors import DsqError
+from dsq.layers import Scheme
+from dsq.loader import load_model, read_config
+from dsq.parallel import FAULT, TIMEOUT, cache_tokens, plan, rank_bytes, span
+from dsq.plan import weight_bytes
+
+IDS = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+PROMPTS = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
+NEW = 8
+SAMPLING = dict(temperature=1.0, top_p=0.9, seed=5)
+CLI = [sys.executable, "-m", "dsq.cli.main"]
+UNEVEN = dict(n_routed_experts=6, n_group=3, topk_group=2, num_attention_heads=6, hidden_size=96,
+              intermediate_size=345, vocab_size=1001)  # 4 ranks: 2/2/1/1 experts and heads, 87/86/86/86 columns
+BLOCKY = dict(hidden_size=128, num_attention_heads=8, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
+              kv_lora_rank=64, intermediate_size=512, moe_intermediate_size=256)  # whole 128-blocks on 4 ranks
+
+
+def run(path: Path, world: int) -> dict:
+    """What one rank computes from a checkpoint: logits, greedy and sampled tokens of a ragged batch."""
+    m = dsq.load_quantized(path, tp=world, kv_cache_dtype="fp32")
+    return {"logits": m.logits(IDS), "greedy": m.generate(PROMPTS, max_new_tokens=NEW),
+            "sampled": m.generate(PROMPTS, max_new_tokens=NEW, **SAMPLING)}
+
+
+def worker(out: Path, paths: list[str]) -> None:
+    """One rank of a torchrun job: every checkpoint, then rank 0 saves its results and whether all ranks
+    returned the same tokens."""
+    world = int(os.environ["WORLD_SIZE"])
+    results = {}
+    for p in paths:
+        r = run(Path(p), world)
+        every = [None] * world
+        torch.distributed.all_gather_object(every, (r["greedy"], r["sampled"]))
+        results[Path(p).name] = dict(r, ranks_agree=all(e == every[0] for e in every))
+    if torch.distributed.get_rank() == 0:
+        torch.save(results, out)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    from dsq.quantize.run import quantize
+    from dsq.quantize.scheme import Options
+
+    root = tmp_path_factory.mktemp("tp")
+    quiet = dict(console=Console(file=io.StringIO()))
+    out = {"lite": make_tiny(root / "lite", "lite", n_routed_experts=6), "v2": make_tiny(root / "v2", "v2", **UNEVEN),
+           "src": make_tiny(root / "src", "lite"), "fp8-channel+int4": root / "fp8-channel+int4"}
+    write_tokenizer(out["lite"], 1000)  # for chat
+    quantize(out["src"], out["fp8-channel+int4"], Options(), **quiet)
+    out["fp8-block+int4"] = root / "fp8-block+int4"
+    quantize(make_tiny(root / "blocky", "v2", **BLOCKY), out["fp8-block+int4"], Options(fp8_block=True), **quiet)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_rank(ckpts) -> dict[str, dict]:
+    return {name: run(path, 1) for name, path in ckpts.items()}
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def n_ranks(request, ckpts, tmp_path_factory) -> dict[str, dict]:
+    """Every checkpoint run on 2, then 4 ranks of one torchrun job each."""
+    world, out = request.param, tmp_path_factory.mktemp("out") / "results.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", __file__,
+           str(out), *map(str, ckpts.values())]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+# --- N ranks against 1 -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["lite", "v2", "fp8-block+int4"])
+def test_n_ranks_give_one_ranks_tokens_and_logits(n_ranks, one_rank, name):
+    """Unquantized, INT4 (W4A16) and FP8 with 128x128 block scales (1x128 activation groups, whole blocks
+    per rank) are exact under the split: only the order of fp32 sums changes. Sampling is done by rank 0."""
+    results = n_ranks
+    got, want = results[name], one_rank[name]
+    assert got["ranks_agree"]
+    assert rel_err(got["logits"], want["logits"]) < 1e-5
+    assert got["greedy"] == want["greedy"]
+    assert got["sampled"] == want["sampled"]
+
+
+def test_channel_fp8_row_parallel_redraws_the_rounding(n_ranks, one_rank):
+    """Per-token FP8 activation scales of a row-parallel layer (o_proj, down_proj) cover each rank's slice of
+    the token, as in vLLM and SGLang: the FP8 rounding is redrawn, not worsened. Against the unquantized model
+    the error stays what 1 rank has; exact equality would cost an all-reduce of token scales per layer."""
+    results = n_ranks
+    got, want = results["fp8-channel+int4"], one_rank["fp8-channel+int4"]
+    ref = one_rank["src"]["logits"]  # the unquantized model it was made from
+    assert got["ranks_agree"]
+    assert rel_err(got["logits"], ref) < 1.1 * rel_err(want["logits"], ref)
+    assert rel_err(got["logits"], want["logits"]) < 0.1
+
+
+# --- the plan ----------------------------------------------------------------------------------------------
+def test_uneven_splits_put_the_extra_unit_on_the_first_ranks():
+    assert span(6, 4) == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    assert span(345, 4) == [(0, 87), (87, 173), (173, 259), (259, 345)]
+    assert span(344, 3, unit=128) == [(0, 128), (128, 256), (256, 344)]  # a short last block stays whole
+    cfg = Config(**dict(V2, **UNEVEN))
+    shards = plan(cfg, 4)
+    assert [s.experts for s in shards] == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    assert [s.heads for s in shards] == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    assert shards[-1].vocab == (751, 1001)
+    with pytest.raises(DsqError, match="cannot split 6 attention heads over 8 ranks; use fewer ranks"):
+        plan(cfg, 8)
+
+
+def test_splits_keep_quantization_units_whole_or_refuse(ckpts):
+    cfg, scheme = read_config(ckpts["fp8-block+int4"])
+    assert [s.heads for s in plan(cfg, 4, scheme)] == [(0, 2), (2, 4), (4, 6), (6, 8)]  # o_proj: 2 heads a block
+    with pytest.raises(DsqError, match=r"cannot split 8 attention heads over 8 ranks \(model\.layers\.0\.self_attn"
+                                       r"\.o_proj has FP8 128x128 block scales, so a rank takes 2 at a time\)"):
+        plan(cfg, 8, scheme)
+    int4_shared = Scheme({"quant_method": "compressed-tensors", "config_groups": {"g": {
+        "targets": [r"re:.*shared_experts\..*"],
+        "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}}}})
+    cfg = Config.from_file(ckpts["lite"] / "config.json")  # shared intermediate 256: two INT4 groups
+    assert [s.shared for s in plan(cfg, 2, int4_shared)] == [(0, 128), (128, 256)]
+    with pytest.raises(DsqError, match="cannot split 256 shared-expert intermediate columns over 4 ranks "
+                                       r"\(model\.layers\.1\.mlp\.shared_experts\.down_proj has INT4 groups of 128"):
+        plan(cfg, 4, int4_shared)
+
+
+# --- each rank reads its part only ----------------------------------------------------------------------
+class ReadLog:
+    """Wraps safetensors' safe_open to record every tensor (or slice) read: name -> elements."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        import dsq.checkpoint
+
+        self.read: dict[str, int] = {}
+        real, log = dsq.checkpoint.safe_open, self
+
+        class Handle:
+            def __init__(self, *args, **kwargs):
+                self.f = real(*args, **kwargs)
+
+            def __enter__(self):
+                self.h = self.f.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return self.f.__exit__(*exc)
+
+            def keys(self):
+                return self.h.keys()
+
+            def get_tensor(self, name):
+                t = self.h.get_tensor(name)
+                log.read[name] = t.numel()
+                return t
+
+            def get_slice(self, name):
+                s = self.h.get_slice(name)
+
+                class Slice:
+                    get_shape, get_dtype = s.get_shape, s.get_dtype
+
+                    def __getitem__(self, index):
+                        t = s[index]
+                        log.read[name] = t.numel()
+                        return t
+
+                return Slice()
+
+        monkeypatch.setattr(dsq.checkpoint, "safe_open", Handle)
+
+
+@pytest.mark.parametrize("name", ["v2", "fp8-channel+int4"])
+def test_each_rank_reads_only_its_slices_and_experts(ckpts, monkeypatch, name):
+    """Loading rank r of 4 needs no process group, so every rank is loaded here, reads logged: no rank reads
+    another's experts, each reads exactly the elements it holds, and rank_bytes is what it allocates."""
+    path, world = ckpts[name], 4
+    cfg, scheme, ckpt = *read_config(path), Checkpoint(path)
+    total = sum(torch.Size(ckpt.shape(n)).numel() for n in ckpt.files)
+    for rank, shard in enumerate(plan(cfg, world, scheme)):
+        log = ReadLog(monkeypatch)
+        model = load_model(path, torch.device("cpu"), torch.float32, rank, world)
+        experts = {int(n.split(".experts.")[1].split(".")[0]) for n in log.read if ".experts." in n}
+        assert experts == set(range(*shard.experts))
+        held = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if n != "inv_freq"]
+        assert sum(log.read.values()) == sum(t.numel() for t in held)
+        assert sum(log.read.values()) < total / 2
+        assert sum(rank_bytes(cfg, world, scheme, rank, torch.float32).values()) == \
+            sum(t.numel() * t.element_size() for t in held)
+    assert sum(rank_bytes(cfg, 1, scheme, dtype=torch.float32).values()) == weight_bytes(ckpt, torch.float32)
+
+
+# --- the memory plan of docs/parallel.md ----------------------------------------------------------------
+def test_full_v2_memory_plan():
+    """The numbers docs/parallel.md quotes, from the real shapes (FP8 channel attention / dense / shared, INT4
+    g128 routed experts, BF16 embedding and head, the router in fp32)."""
+    from dsq.quantize.scheme import Options, quantization_config
+
+    cfg, scheme = Config.preset("deepseek-v2"), Scheme(quantization_config(Options()))
+    gb = lambda world: round(sum(rank_bytes(cfg, world, scheme).values()) / 1e9, 2)
+    assert [gb(w) for w in (1, 2, 4, 8)] == [129.08, 64.96, 32.9, 16.88]
+    assert bytes_per_token(cfg, "fp8") == 656 * 60
+    mib = 1 << 20
+    tokens = {name: cache_tokens(cfg, world, n * mib, scheme)["tokens"] for name, world, n in
+              (("8x80", 8, 81559), ("8x24", 8, 23028), ("4x80", 4, 81559), ("2x80", 2, 81559), ("1x141", 1, 143771))}
+    assert tokens == {"8x80": 1674752, "8x24": 115448, "4x80": 1238109, "2x80": 364823, "1x141": 275620}
+
+
+# --- the CLI: launching, following rank 0, and dying cleanly -----------------------------------------------
+def test_cli_generate_tp_prints_one_ranks_tokens(ckpts):
+    want = dsq.load_quantized(ckpts["v2"]).generate([1, 2, 3], max_new_tokens=NEW)
+    done = subprocess.run([*CLI, "generate", str(ckpts["v2"]), "--tp", "2", "--ids", "--prompt", "1 2 3",
+                           "--max-new-tokens", str(NEW)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(t) for t in want]  # printed once: only rank 0 prints
+
+
+@pytest.mark.parametrize("how", ["exit", "hang"])
+def test_a_failed_rank_stops_the_job(ckpts, how):
+    """Rank 1 exits (the launcher sees it and kills the rest) or hangs (rank 0's next collective times out
+    after DSQ_DIST_TIMEOUT) at its 3rd step: the job ends with a line that says so, not a hang."""
+    env = {**os.environ, FAULT: f"1:3:{how}", TIMEOUT: "3" if how == "hang" else "600"}
+    t0 = time.monotonic()
+    done = subprocess.run([*CLI, "generate", str(ckpts["v2"]), "--tp", "2", "--ids", "--prompt", "1 2 3",
+                           "--max-new-tokens", "20"], capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode != 0
+    assert time.monotonic() - t0 < 120
+    if how == "exit":
+        assert "dsq: rank 1 died (exit code 3); stopped the other ranks" in done.stderr
+    else:
+        assert "another rank has died or stalled (Timed out waiting 3000ms" in done.stderr
+
+
+def test_chat_tp_follows_rank_0_through_ctrl_c(ckpts):
+    """Rank 0 reads the terminal; the other rank follows each line, and a Ctrl-C mid-reply stops both at the
+    same step, so later turns and commands still run in step (a desync would hang or fail)."""
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(sys.executable, ["-m", "dsq.cli.main", "chat", str(ckpts["lite"]), "--tp", "2",
+                                           "--temperature", "0", "--max-new-tokens", "3000"],
+                          timeout=120, encoding="utf-8", dimensions=(40, 200), env={**os.environ, "TERM": "dumb"})
+    for line in ("Tell me a long story", "And another"):
+        child.expect("> ")
+        child.sendline(line)
+        child.expect(r"\S")  # streaming
+        child.sendintr()
+        child.expect("reply stopped")
+    child.expect("> ")
+    child.sendintr()  # at the prompt: rank 0 alone hears it
+    child.expect("/exit or Ctrl-D")
+    child.sendline("/clear")
+    child.expect("conversation cleared")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+if __name__ == "__main__":
+    worker(Path(sys.argv[1]), sys.argv[2:])
