@@ -57,6 +57,12 @@ class PagedCache:
         write(self.pools[layer], kv_a.reshape(-1, kv_a.shape[-1]), norm_weight, eps,
               cos.reshape(-1, half).float().contiguous(), sin.reshape(-1, half).float().contiguous(), self._slots(pos))
 
+    def latents(self, layer: int, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached latents [B, S, C] and rope keys [B, S, R] (fp32) of positions 0..max(pos), for queries at
+        pos [B, T]; slots past a sequence's last position read as zeros."""
+        rows = self.block_table[: pos.shape[0]]  # a graph bucket's cache may hold more rows than this batch
+        return gather_latents(self.pools[layer], rows, (pos.amax(dim=1) + 1).int(), int(pos.max()) + 1)
+
     def attend(self, layer: int, q_lat: torch.Tensor, q_pe: torch.Tensor, pos: torch.Tensor,
                scale: float) -> torch.Tensor:
         """Absorbed attention: o_lat [B, T, H, C] (fp32) for latent queries q_lat [B, T, H, C] and roped
@@ -68,8 +74,8 @@ class PagedCache:
             lens = (pos[:, 0] + 1).int()
             return mla_decode(q_lat[:, 0].contiguous(), q_pe[:, 0].contiguous(), pool, self.block_table, lens,
                               scale, max_seq_len=self.max_len)[:, None].float()
-        used = int(pos.max()) + 1
-        lat, pe = gather_latents(pool, self.block_table, (pos.amax(dim=1) + 1).int(), used)
+        lat, pe = self.latents(layer, pos)
+        used = lat.shape[1]
         scores = torch.einsum("bthc,bsc->bhts", q_lat.float(), lat) + torch.einsum("bthr,bsr->bhts", q_pe.float(), pe)
         seen = torch.arange(used, device=pos.device) <= pos[:, None, :, None]
         probs = (scores * scale).masked_fill(~seen, float("-inf")).softmax(dim=-1)

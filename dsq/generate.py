@@ -59,11 +59,13 @@ def steps(
     cache: PagedCache | None = None,
     start: list[int] | None = None,
     graphs: bool = False,
+    prefill_chunk: int = 4096,
 ) -> Iterator[list[int]]:
     """Yield the next token of every prompt, step by step: a prefill, then one absorbed decode per step.
     Stop iterating to stop early. `context` caps prompt + new tokens (default: the model's). With a `cache`
     whose first `start[i]` positions already hold sequence i, the prompts continue it (multi-turn chat).
-    `graphs` replays decode steps from a CUDA graph (needs the Triton backend on a GPU).
+    `graphs` replays decode steps from a CUDA graph (needs the Triton backend on a GPU). Prompts are
+    prefilled `prefill_chunk` tokens at a time.
     On N ranks, rank 0's prompts and its sampled tokens are the ones every rank runs (dsq/parallel.py)."""
     prompts, start, max_new_tokens = model.dist.share((prompts, start, max_new_tokens))
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -88,7 +90,12 @@ def steps(
     if cache is None:  # a graph replays a whole bucket, so the cache holds a row per bucket slot
         cache = model.new_cache(bucket(len(prompts)) if graphs else len(prompts), end)
     pos = first[:, None] + torch.arange(width, device=device)
-    logits = model(tokens, pos, cache, absorb=bool(first.any()), last=lens - 1)
+    logits = None
+    for c0 in range(0, width, prefill_chunk):  # chunks bound a long prompt's memory; later ones read the cache
+        n = min(prefill_chunk, width - c0)
+        part = model(tokens[:, c0:c0 + n], pos[:, c0:c0 + n], cache, last=(lens - 1 - c0).clamp(0, n - 1))
+        here = (lens - 1 >= c0) & (lens - 1 < c0 + n)  # the chunk holding each prompt's last token
+        logits = part if logits is None else torch.where(here[:, None], part, logits)
     decode = GraphDecoder(model, cache, cache.block_table.shape[0]) if graphs else None
     for step in range(max_new_tokens):
         nxt = model.dist.agree(sample(logits, sampling, generator))

@@ -87,17 +87,22 @@ class MLA(nn.Module):
             cache.write(layer, pos, kv_a, self.kv_norm.weight, self.kv_norm.eps, cos, sin)
         if absorb:
             o = self._absorbed(q_nope, q_pe, pos, cache, layer)
+        elif cache is not None and bool((pos[:, 0] > 0).any()):  # a chunk continuing the cache: attend all of it
+            kv, k_pe = cache.latents(layer, pos)
+            keys = torch.arange(kv.shape[1], device=pos.device).expand(b, -1)
+            o = self._naive(q_nope, q_pe, kv.to(x.dtype), k_pe.to(x.dtype), pos, keys)
         else:
             kv, k_pe = kv_a.split([self.c, self.r], dim=-1)
-            o = self._naive(q_nope, q_pe, self.kv_norm(kv), apply_rope(k_pe, cos, sin), pos)
+            o = self._naive(q_nope, q_pe, self.kv_norm(kv), apply_rope(k_pe, cos, sin), pos, pos)
         return self.wo(o.flatten(2))
 
-    def _naive(self, q_nope, q_pe, kv, k_pe, pos) -> torch.Tensor:
-        b, t = pos.shape
-        k_nope, v = self.wkv_b(kv).view(b, t, self.h, self.p + self.v).split([self.p, self.v], dim=-1)
+    def _naive(self, q_nope, q_pe, kv, k_pe, pos, keys) -> torch.Tensor:
+        """Queries at positions pos [B, T] against latents kv [B, S, C], k_pe [B, S, R] at positions keys [B, S]."""
+        b, s = keys.shape
+        k_nope, v = self.wkv_b(kv).view(b, s, self.h, self.p + self.v).split([self.p, self.v], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.h, -1)], dim=-1).transpose(1, 2)
-        mask = pos[:, None, :, None] >= pos[:, None, None, :]  # a query sees keys at positions <= its own
+        mask = pos[:, None, :, None] >= keys[:, None, None, :]  # a query sees keys at positions <= its own
         o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, scale=self.scale)
         return o.transpose(1, 2)
 

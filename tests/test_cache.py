@@ -65,3 +65,14 @@ def test_pages_in_any_order_give_the_same_logits(tmp_path):
     shuffled = PagedCache(model.cfg, 2, 48, "fp8", block_size=16)
     shuffled.block_table = torch.randperm(6, generator=torch.Generator().manual_seed(2)).int().view(2, 3)
     assert torch.equal(run(model, ids, straight), run(model, ids, shuffled))
+
+
+def test_chunked_prefill_equals_one_pass(tmp_path):
+    from dsq.generate import steps
+
+    model = dsq.load_quantized(make_tiny(tmp_path, "lite"), kv_cache_dtype="fp32")
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (23, 9, 16)]
+    whole = list(steps(model.net, prompts, 12))
+    assert list(steps(model.net, prompts, 12, prefill_chunk=5)) == whole
+    assert list(steps(model.net, prompts, 12, prefill_chunk=8)) == whole
