@@ -163,8 +163,9 @@ def linear_format(weights: dict[str, Any] | None, where: str) -> Callable[..., L
 class Scheme:
     """Which format each module of a checkpoint has, from config.json's `quantization_config`.
 
-    Matching follows compressed-tensors: `ignore` first; then a group whose `re:` regex or exact name
-    matches the module name; then a group targeting the class `Linear`."""
+    Matching follows compressed-tensors: `ignore` first; then a group naming the module exactly; then one
+    whose `re:` regex matches it (re.match: anchored at the start, as compressed-tensors and vLLM read it);
+    then a group targeting the class `Linear`."""
 
     def __init__(self, qcfg: dict[str, Any] | None, where: str = "config.json"):
         self.where = where
@@ -185,16 +186,15 @@ class Scheme:
 
     @staticmethod
     def _match(target: str, module: str) -> bool:
-        return bool(re.fullmatch(target[3:], module)) if target.startswith("re:") else target == module
+        return bool(re.match(target[3:], module)) if target.startswith("re:") else target == module
 
     def format(self, module: str) -> Callable[..., Linear]:
         """The module class for the HF linear module named `module`."""
         if any(self._match(t, module) for t in self.ignore):
             return Linear
-        for targets, weights in self.groups:
-            if any(self._match(t, module) for t in targets if t != "Linear"):
-                return linear_format(weights, f"{self.where}: {module}")
-        for targets, weights in self.groups:
-            if "Linear" in targets:
-                return linear_format(weights, f"{self.where}: {module}")
+        for matches in (lambda t: t == module, lambda t: t.startswith("re:") and self._match(t, module),
+                        lambda t: t == "Linear"):
+            for targets, weights in self.groups:
+                if any(matches(t) for t in targets):
+                    return linear_format(weights, f"{self.where}: {module}")
         return Linear

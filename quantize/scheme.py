@@ -1,0 +1,180 @@
+"""The quantization options: which format each tensor gets, and the compressed-tensors config that says so.
+
+One table (dsq.checkpoint.ROLES) maps a Hugging Face module name to its role; it decides the format of every tensor and
+also writes the `targets` / `ignore` regexes of `quantization_config`, so the two cannot disagree. The role
+regexes are disjoint, so the outcome is the same under every matcher that reads the config: dsq's loader
+(first group wins, re.fullmatch), compressed-tensors (exact names, then regexes sorted by text, re.match)
+and vLLM; each regex ends in `$` so that re.match and re.fullmatch agree.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+
+from dsq.checkpoint import ROLES
+from dsq.checkpoint import role as module_role
+from dsq.errors import DsqError
+from dsq.quant import BLOCK
+
+CHOICES = {  # the roles a flag sets, and the formats each may take (first = default)
+    "experts": ("int4", "fp8", "bf16"),
+    "shared": ("fp8", "bf16"),
+    "dense": ("fp8", "bf16"),
+    "attention": ("fp8", "bf16"),
+    "head": ("bf16", "fp8"),
+}
+FLAG = {"head": "--lm-head"}  # role -> CLI flag, where it is not --<role>
+GROUP_SIZES = (32, 64, 128)
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def flag(role: str) -> str:
+    return FLAG.get(role, f"--{role}")
+
+
+@dataclass(frozen=True)
+class Options:
+    """What `dsq quantize` makes; the defaults are the issue's scheme (FP8 W8A8 + INT4 g128 experts)."""
+
+    experts: str = "int4"
+    shared: str = "fp8"
+    dense: str = "fp8"
+    attention: str = "fp8"
+    head: str = "bf16"
+    group_size: int = 128
+    symmetric: bool = True
+    clip_search: bool = True
+    fp8_block: bool = False  # 128x128 block scales instead of one per output channel
+    keep_dtype: bool = False  # keep fp32 unquantized tensors fp32 instead of casting them to bf16
+
+    def __post_init__(self) -> None:
+        for role, allowed in CHOICES.items():
+            if getattr(self, role) not in allowed:
+                raise DsqError(f"{flag(role)} {getattr(self, role)!r}: not one of {', '.join(allowed)}")
+        if self.group_size not in GROUP_SIZES:
+            raise DsqError(f"--group-size {self.group_size}: not one of {', '.join(map(str, GROUP_SIZES))}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def format(self, role: str) -> str:
+        """int4, fp8, or keep (unquantized: bf16, or the source dtype; see `plan_task`)."""
+        fmt = getattr(self, role) if role in CHOICES else "keep"
+        return "keep" if fmt == "bf16" else fmt
+
+
+def role_of(name: str) -> str:
+    """The role of a source tensor: its module's (dsq.checkpoint.ROLES) for a `.weight`, else other."""
+    return module_role(name) if name.endswith(".weight") else "other"
+
+
+@dataclass(frozen=True)
+class Out:
+    """One tensor written to the output."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Task:
+    """One source tensor: what it is, how it is converted, and the tensors it becomes."""
+
+    name: str
+    role: str
+    fmt: str  # int4 | fp8 | keep
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    outs: tuple[Out, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def out_nbytes(self) -> int:
+        return sum(o.nbytes for o in self.outs)
+
+
+def plan_task(name: str, shape: list[int], dtype: str, opts: Options, where: str) -> Task:
+    """The conversion of one source tensor; refuses, naming tensor and flag, what the options cannot do."""
+    if dtype not in TORCH_DTYPES:
+        raise DsqError(f"{where}: tensor {name} has dtype {dtype}, which dsq does not read")
+    src = TORCH_DTYPES[dtype]
+    role = role_of(name)
+    fmt = opts.format(role)
+    shape_t = tuple(shape)
+    module = name.removesuffix(".weight")
+    if fmt != "keep":
+        if src not in (torch.bfloat16, torch.float16, torch.float32):
+            raise DsqError(f"{where}: tensor {name} is already {dtype}; dsq quantizes BF16/FP16/FP32 checkpoints")
+        if len(shape) != 2:
+            raise DsqError(f"{where}: tensor {name} has shape {shape}; a {role} weight must be 2-D")
+    out_f, in_f = shape_t if len(shape_t) == 2 else (0, 0)
+    if fmt == "int4":
+        g = opts.group_size
+        if in_f % g:
+            raise DsqError(f"{where}: tensor {name} has {in_f} input features, not a multiple of --group-size {g}; "
+                           f"choose a group size that divides it, or {flag(role)} fp8")
+        outs = [Out(f"{module}.weight_packed", torch.int32, (out_f, in_f // 8)),
+                Out(f"{module}.weight_scale", torch.bfloat16, (out_f, in_f // g)),
+                Out(f"{module}.weight_shape", torch.int64, (2,))]
+        if not opts.symmetric:
+            outs.append(Out(f"{module}.weight_zero_point", torch.int32, (-(-out_f // 8), in_f // g)))
+    elif fmt == "fp8":
+        scale_shape = (-(-out_f // BLOCK), -(-in_f // BLOCK)) if opts.fp8_block else (out_f, 1)
+        outs = [Out(f"{module}.weight", torch.float8_e4m3fn, shape_t),
+                Out(f"{module}.weight_scale", torch.float32, scale_shape)]
+    else:
+        keep = src if (opts.keep_dtype or src != torch.float32) else torch.bfloat16
+        outs = [Out(name, keep, shape_t)]
+    return Task(name, role, fmt, shape_t, src, tuple(outs))
+
+
+def _target(role: str) -> str:
+    rx = dict(ROLES)[role]
+    return rx if re.fullmatch(r"[\w.]+", rx) else f"re:{rx}$"
+
+
+def quantization_config(opts: Options) -> dict | None:
+    """The compressed-tensors `quantization_config` for these options (None when nothing is quantized)."""
+    by_fmt: dict[str, list[str]] = {"int4": [], "fp8": [], "keep": []}
+    for role in CHOICES:
+        by_fmt[opts.format(role)].append(_target(role))
+    if not by_fmt["int4"] and not by_fmt["fp8"]:
+        return None
+    groups = []
+    if by_fmt["int4"]:
+        weights = {"num_bits": 4, "type": "int", "symmetric": opts.symmetric, "strategy": "group",
+                   "group_size": opts.group_size, "dynamic": False}
+        groups.append({"targets": by_fmt["int4"], "weights": weights, "input_activations": None,
+                       "format": "pack-quantized"})
+    if by_fmt["fp8"]:
+        fp8 = {"num_bits": 8, "type": "float", "symmetric": True}
+        if opts.fp8_block:
+            weights = dict(fp8, strategy="block", block_structure=[BLOCK, BLOCK], dynamic=False)
+            acts = dict(fp8, strategy="group", group_size=BLOCK, dynamic=True)
+        else:
+            weights = dict(fp8, strategy="channel", dynamic=False)
+            acts = dict(fp8, strategy="token", dynamic=True)
+        groups.append({"targets": by_fmt["fp8"], "weights": weights, "input_activations": acts,
+                       "format": "float-quantized"})
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "mixed-precision",
+        "quantization_status": "compressed",
+        "config_groups": {f"group_{i}": g for i, g in enumerate(groups)},
+        "ignore": [_target("router"), *by_fmt["keep"]],
+        "kv_cache_scheme": None,
+    }
