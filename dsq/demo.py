@@ -87,25 +87,41 @@ def hf_config(cfg: Config) -> dict:
 
 
 def run_demo(folder: Path, device: str, console) -> None:
-    """Make the demo checkpoint, load it, run a scripted chat turn and say what happened."""
+    """Make the demo checkpoint, quantize it with the real quantizer, load both, run a scripted chat turn on
+    the quantized one and say what happened: sizes, agreement with the unquantized model, speed."""
     import time
 
     import dsq
+    from dsq.chat import ChatSession
+    from dsq.quantize.run import quantize
 
-    console.print("[bold]dsq demo[/]: a tiny DeepSeek-V2 (MLA + DeepSeekMoE) with [bold]random weights[/], "
-                  "so the reply is gibberish by design; everything else is the real code path.")
+    console.print("[bold]dsq demo[/]: a tiny DeepSeek-V2 (MLA + DeepSeekMoE) with [bold]random weights[/], so "
+                  "the reply is gibberish by design; everything else is the real code path.")
+    src, out = folder / "bf16", folder / "fp8-int4"
     t0 = time.perf_counter()
-    cfg = write_demo_checkpoint(folder)
-    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
-    console.print(f"wrote {folder} ({size / 1e6:.1f} MB BF16, {cfg.num_hidden_layers} layers, "
-                  f"{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}, vocab {cfg.vocab_size}) "
-                  f"in {time.perf_counter() - t0:.1f} s")
-    model = dsq.load_quantized(folder, device=device)
-    messages = [{"role": "user", "content": "Hello! What can you do?"}]
-    console.print(f"[bold]User:[/] {messages[0]['content']}\n[bold]Assistant:[/] ", end="")
-    t0, n = time.perf_counter(), 0
-    for piece in model.chat(messages, max_new_tokens=24, temperature=0.0):
+    cfg = write_demo_checkpoint(src)
+    console.print(f"1. wrote {src}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.n_routed_experts} "
+                  f"experts top-{cfg.num_experts_per_tok} + {cfg.n_shared_experts} shared, vocab {cfg.vocab_size} "
+                  f"({time.perf_counter() - t0:.1f} s)")
+    console.print("2. dsq quantize: FP8 W8A8 attention / dense / shared experts, INT4 g128 routed experts")
+    console.print(quantize(src, out, console=console).table())
+    before, after = (sum(f.stat().st_size for f in d.glob("*.safetensors")) for d in (src, out))
+    console.print(f"   {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({before / after:.2f}x smaller; the BF16 "
+                  "embeddings and head dominate a model this small)")
+    ref = dsq.load_quantized(src, device=device)
+    model = dsq.load_quantized(out, device=device)
+    ids = torch.randint(3, cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    want, got = ref.logits(ids), model.logits(ids)
+    rel = ((got - want).norm() / want.norm()).item()
+    top1 = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    console.print(f"3. against the unquantized model on 128 random tokens: logits relative error {rel:.3f}, "
+                  f"top-1 agreement {top1:.0%} (random weights have tiny logit margins; real models agree more)")
+    question = "Hello! What can you do?"
+    console.print(f"4. a chat turn on the quantized model ({device}, FP8 latent cache)\n"
+                  f"   [bold]User:[/] {question}\n   [bold]Assistant:[/]", end="")
+    session = ChatSession(model, context=512)
+    for piece in session.reply(question, max_new_tokens=24):
         console.print(piece, end="", markup=False, highlight=False)
-        n += 1
-    elapsed = time.perf_counter() - t0
-    console.print(f"\n{n} text pieces in {elapsed:.2f} s on {device} ({n / elapsed:.1f}/s)")
+    n, seconds = session.stats["tokens"], session.stats["seconds"]
+    console.print(f"\n   {n} tokens in {seconds:.2f} s ({n / seconds:.1f} tok/s, prefill included)")
+    console.print("done. Next: dsq quantize deepseek-ai/DeepSeek-V2-Lite-Chat OUT, then dsq chat OUT --device cuda")
