@@ -23,29 +23,22 @@ HBM = 4.8e12  # H200 bytes/s (BRIEF section 3)
 
 
 def fill_random(net, std: float = 0.02, seed: int = 0) -> None:
-    """Random weights straight into every module, quantized on the device in the module's own format."""
-    from dsq import quant
-    from dsq.layers import FP8Linear, Int4Linear, Linear
-    from dsq.model import Gate, RMSNorm
+    """Random weights straight into every module, quantized on the device by the module's own format."""
+    from dsq.layers import Linear
+    from dsq.model import Embedding, Gate, RMSNorm
 
     torch.manual_seed(seed)
     for m in net.modules():
         if isinstance(m, RMSNorm):
             m.weight.fill_(1.0)
-        elif isinstance(m, (torch.nn.Embedding, Gate)):
+        elif isinstance(m, (Embedding, Gate)):
             m.weight.normal_(0, std)
         elif isinstance(m, Linear):
             for e in range(m.n_experts) if m.n_experts else [None]:
-                t = m.tensors(e)
-                w = torch.randn(m.out_features, m.in_features, device=t[next(iter(t))].device) * std
-                if isinstance(m, FP8Linear):
-                    q = dict(zip(("weight", "weight_scale"), quant.fp8_quantize_weight(w, m.block), strict=True))
-                elif isinstance(m, Int4Linear):
-                    q = quant.int4_quantize(w, m.group, m.symmetric)
-                else:
-                    q = {"weight": w}
-                for k, v in q.items():
-                    t[k].copy_(v)
+                dst = m.tensors(e)
+                w = torch.randn(m.out_features, m.in_features, device=next(iter(dst.values())).device) * std
+                for k, v in m.quantize(w).items():
+                    dst[k].copy_(v)
 
 
 def build(preset: str, quantized: bool, device: str):

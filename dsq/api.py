@@ -9,17 +9,18 @@ from typing import Any, overload
 import torch
 
 from dsq.cache import KINDS
-from dsq.checkpoint import Checkpoint, resolve, role
-from dsq.config import Config
+from dsq.checkpoint import resolve
 from dsq.errors import DsqError
 from dsq.generate import Sampling, generate, steps
+from dsq.layers import Scheme
 from dsq.loader import load_model, read_config
 from dsq.model import Transformer
-from dsq.parallel import init, rank_bytes
+from dsq.parallel import init
 from dsq.plan import Plan, plan, weight_bytes
 from dsq.tokenizer import TextStream, Tokenizer
 
 BACKENDS = ("torch", "triton")
+QUANTIZE = {"fp8-int4": {}, "fp8": {"experts": "fp8"}}  # load_quantized(quantize=...) -> dsq quantize options
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -35,6 +36,7 @@ def load_quantized(
     gpu_memory_utilization: float = 0.9,
     cuda_graphs: bool = True,
     tp: int = 1,
+    quantize: str | None = None,
     **options: Any,
 ) -> Model:
     """Load a dsq-quantized folder, or an unquantized DeepSeek-V2 checkpoint as it is, from a local folder
@@ -45,7 +47,9 @@ def load_quantized(
     (default 4096) fit in gpu_memory_utilization of the device, and says what to change if they don't.
     cuda_graphs replays decode steps from CUDA graphs (GPU and Triton backend only, tp=1).
     tp > 1: this process is one of tp ranks (started by torchrun, or by `dsq generate/chat --tp`), holding its
-    share of the heads, experts and vocab (docs/parallel.md); every rank makes the same calls."""
+    share of the heads, experts and vocab (docs/parallel.md); every rank makes the same calls.
+    quantize="fp8-int4" (dsq quantize's default scheme) or "fp8" (FP8 experts too) quantizes an unquantized
+    checkpoint while loading it, tensor by tensor on the target device, for users who skip the offline step."""
     if options:
         raise DsqError(f"unknown option(s) {', '.join(sorted(options))} for load_quantized")
     device = torch.device(device)
@@ -64,10 +68,18 @@ def load_quantized(
         raise DsqError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if kv_cache_dtype not in KINDS:
         raise DsqError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {', '.join(KINDS)}")
+    if quantize not in (None, *QUANTIZE):
+        raise DsqError(f"quantize={quantize!r} is not one of {', '.join(QUANTIZE)}")
+    scheme = None
+    if quantize is not None:
+        from dsq.quantize.scheme import Options, quantization_config
+
+        scheme = Scheme(quantization_config(Options(**QUANTIZE[quantize])))
     folder = resolve(path_or_repo, revision)
     if device.type == "cuda":
-        check_fits(folder, device, dtype, kv_cache_dtype, gpu_memory_utilization, max_seq_len or 4096, rank, tp)
-    net = load_model(folder, device, dtype, rank, tp)
+        check_fits(folder, device, dtype, kv_cache_dtype, gpu_memory_utilization, max_seq_len or 4096, rank, tp,
+                   scheme)
+    net = load_model(folder, device, dtype, rank, tp, scheme)
     net.cache_kind = kv_cache_dtype
     for module in net.modules():
         if hasattr(module, "backend"):
@@ -78,15 +90,13 @@ def load_quantized(
 
 
 def check_fits(folder: Path, device: torch.device, dtype: torch.dtype, kind: str, utilization: float,
-               tokens: int, rank: int = 0, world: int = 1) -> Plan:
+               tokens: int, rank: int = 0, world: int = 1, scheme: Scheme | None = None) -> Plan:
     """Run the memory planner against the device's free memory before anything is allocated."""
-    cfg = Config.from_file(folder / "config.json")
-    ckpt = Checkpoint(folder)
-    int4 = any(n.endswith("weight_packed") for n in ckpt.files if role(n) == "experts")
+    cfg, declared = read_config(folder)
+    scheme = scheme or declared
+    int4 = any((weights or {}).get("num_bits") == 4 for _, weights in scheme.groups)
     free, total = torch.cuda.mem_get_info(device)
-    weights = weight_bytes(ckpt, dtype)
-    if world > 1:  # only this rank's slices and experts
-        weights = sum(rank_bytes(cfg, world, read_config(folder)[1], rank, dtype).values())
+    weights = sum(weight_bytes(cfg, scheme, dtype, world, rank).values())  # this rank's slices and experts
     return plan(cfg, weights, total, free, utilization, kind, need_tokens=tokens,
                 prefill_tokens=min(tokens, 4096), dtype_bytes=torch.empty(0, dtype=dtype).element_size(),
                 int4_experts=int4)

@@ -94,10 +94,12 @@ class Checkpoint:
         """The stored dtype as safetensors spells it (BF16, F8_E4M3, I32, ...), read from the header."""
         return self._handle(name).get_slice(name).get_dtype()
 
-    def get(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor, checked for NaN/Inf when it is floating point."""
+    def get(self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+            index: tuple[slice, ...] | None = None) -> torch.Tensor:
+        """One tensor (or the `index` slice of it, reading only that), checked for NaN/Inf when floating point."""
         try:
-            t = self._handle(name).get_tensor(name)
+            handle = self._handle(name)
+            t = handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
         except SafetensorError as e:
             raise DsqError(f"{self.folder / self.files[name]}: tensor {name} is unreadable ({e}); "
                            "the file is corrupt or truncated, re-download it") from None

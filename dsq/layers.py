@@ -1,9 +1,10 @@
 """The seam every weight matmul goes through: a linear module per weight format, and routed experts.
 
 A linear module holds its weight in the on-disk form (compressed-tensors names: `weight`, or
-`weight_packed` + `weight_scale` + ...), optionally stacked over a leading expert dim, and offers
-`forward(x, expert=None)` and `dequantize(expert=None)`. The model is built with plain `Linear` and
-`Experts(Linear)`; the loader swaps in the formats a checkpoint declares (`swap_formats`). `backend`
+`weight_packed` + `weight_scale` + ...), optionally stacked over a leading expert dim. Its two methods are
+`quantize(w)` (a float [out, in] weight -> its stored tensors: quantize-on-load, benchmarks) and
+`forward(x, expert=None)`; `dequantize(expert=None)` gives the float weight back. The model is built with
+plain `Linear` and `Experts(Linear)`; the loader swaps in the formats a checkpoint declares (`swap_formats`). `backend`
 picks the maths: "torch" (the dsq.quant references, any device) or "triton" (dsq.kernels).
 """
 
@@ -40,6 +41,9 @@ class Linear(nn.Module):
     def tensors(self, expert: int | None = None) -> dict[str, torch.Tensor]:
         return {n: (b if expert is None else b[expert]) for n, b in self.named_buffers(recurse=False)}
 
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"weight": w}
+
     def dequantize(self, expert: int | None = None) -> torch.Tensor:
         return self.tensors(expert)["weight"]
 
@@ -63,6 +67,10 @@ class FP8Linear(Linear):
         o, i, b = self.out_features, self.in_features, quant.BLOCK
         scale = (-(-o // b), -(-i // b)) if self.block else (o, 1)
         return {"weight": ((o, i), quant.FP8), "weight_scale": (scale, torch.float32)}
+
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, scale = quant.fp8_quantize_weight(w, self.block)
+        return {"weight": q, "weight_scale": scale}
 
     def dequantize(self, expert: int | None = None) -> torch.Tensor:
         t = self.tensors(expert)
@@ -94,6 +102,17 @@ class Int4Linear(Linear):
         if not self.symmetric:
             spec["weight_zero_point"] = ((-(-o // 8), i // g), torch.int32)
         return spec
+
+    def quantize(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Round-to-nearest with the quantizer's per-group MSE clip search."""
+        from dsq.quantize.search import int4_search
+
+        r = int4_search(w, self.group, self.symmetric)
+        out = {"weight_packed": quant.int4_pack(r.q), "weight_scale": r.scale,
+               "weight_shape": torch.tensor(w.shape, dtype=torch.int64)}
+        if r.zero is not None:
+            out["weight_zero_point"] = quant.int4_pack(r.zero, dim=0)
+        return out
 
     def dequantize(self, expert: int | None = None) -> torch.Tensor:
         t = self.tensors(expert)

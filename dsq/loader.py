@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
 
 from dsq.checkpoint import Checkpoint
@@ -105,15 +104,17 @@ def _read_slice(model: Transformer, ckpt: Checkpoint, hf: str, split: tuple[int,
         raise DsqError(f"{ckpt.folder}: tensor {hf} has shape {shape}, which does not hold this rank's part "
                        f"{list(dst.shape)}; the checkpoint is not made for this config")
     index = tuple(slice(start, start + dst.shape[dim]) if d == dim else slice(None) for d in range(len(shape)))
-    try:  # Checkpoint reads whole tensors; a slice goes through its safetensors handle
-        t = ckpt._handle(hf).get_slice(hf)[index]
-    except SafetensorError as e:
-        raise DsqError(f"{ckpt.folder / ckpt.files[hf]}: tensor {hf} is unreadable ({e}); "
-                       "the file is corrupt or truncated, re-download it") from None
-    if t.is_floating_point() and t.element_size() > 1 and not torch.isfinite(t).all():
-        raise DsqError(f"{ckpt.folder / ckpt.files[hf]}: tensor {hf} holds NaN or Inf values; "
-                       "the checkpoint is damaged")
-    return t
+    return ckpt.get(hf, index=index)
+
+
+def _done(pending: dict[str, set[int] | None], name: str, expert: int | None) -> None:
+    """Strike a loaded tensor (one expert's slot of a stacked one) off the list of those still to load."""
+    if expert is None:
+        pending.pop(name, None)
+    else:
+        pending[name].discard(expert)
+        if not pending[name]:
+            pending.pop(name)
 
 
 def _key(make) -> tuple:
@@ -131,39 +132,55 @@ def read_config(folder: Path) -> tuple[Config, Scheme]:
             Scheme(hf_cfg.get("quantization_config"), where=str(hf_cfg_path)))
 
 
-def load_model(folder: Path, device: torch.device, dtype: torch.dtype, rank: int = 0, world: int = 1) -> Transformer:
-    """The model in the formats its config declares; on `world` ranks, rank `rank`'s part of it."""
+def load_model(folder: Path, device: torch.device, dtype: torch.dtype, rank: int = 0, world: int = 1,
+               quantize: Scheme | None = None) -> Transformer:
+    """The model in the formats its config declares; on `world` ranks, rank `rank`'s part of it. `quantize`
+    gives an unquantized checkpoint formats to be quantized into while loading, tensor by tensor."""
     cfg, scheme = read_config(folder)
+    if quantize is not None:
+        if scheme.groups:
+            raise DsqError(f"{folder}: is already quantized; load it without quantize=")
+        scheme = quantize
     ckpt = Checkpoint(folder)
     with torch.device("meta"):
         model = Transformer(cfg, dtype, Dist(plan(cfg, world, scheme), rank))
     swap_formats(model, scheme, dtype)
     model.to_empty(device=device)
     model.init_rope()
-    load_tensors(model, ckpt, device)
+    load_tensors(model, ckpt, device, convert=quantize is not None)
     return model.eval()
 
 
-def load_tensors(model: Transformer, ckpt: Checkpoint, device: torch.device) -> None:
+def load_tensors(model: Transformer, ckpt: Checkpoint, device: torch.device, convert: bool = False) -> None:
     """Copy every checkpoint tensor (this rank's slice of it) into its slot; name the missing, unexpected
-    and misshapen ones."""
+    and misshapen ones. With `convert`, a float weight of a quantized module is quantized on `device` first."""
     targets = dict(model.named_parameters()) | dict(model.named_buffers())
     targets.pop("inv_freq")
     pending = {n: set(range(model.get_submodule(n.rsplit(".", 2)[0]).n_experts)) if ".experts." in n else None
                for n in targets}
     unexpected = []
     split, (lo, hi) = (splits(model.cfg) if model.dist.world > 1 else {}), model.dist.shard.experts
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, Linear) and
+                 type(m) is not Linear} if convert else {}
     for hf in ckpt.files:
         name, expert = dsq_name(hf)
-        if name not in targets or (expert is not None and expert >= model.cfg.n_routed_experts):
+        module, _, attr = name.rpartition(".")
+        owner = quantized.get(module) if attr == "weight" else None  # a float weight to quantize on load
+        if (name not in targets and owner is None) or (expert is not None and expert >= model.cfg.n_routed_experts):
             unexpected.append(hf)
             continue
         if expert is not None:
             if not lo <= expert < hi:
                 continue  # another rank's expert
             expert -= lo
+        if owner is not None:
+            want = torch.empty(owner.out_features, owner.in_features, device="meta")
+            w = _read_slice(model, ckpt, hf, split[module], module, want) if module in split else ckpt.get(hf)
+            for key, t in owner.quantize(w.to(device)).items():
+                owner.tensors(expert)[key].copy_(t)
+                _done(pending, f"{module}.{key}", expert)
+            continue
         dst = targets[name] if expert is None else targets[name][expert]
-        module = name.rpartition(".")[0]
         if module in split:
             src = _read_slice(model, ckpt, hf, split[module], module, dst).to(device)
         else:
@@ -174,12 +191,7 @@ def load_tensors(model: Transformer, ckpt: Checkpoint, device: torch.device) -> 
         if src.is_floating_point() != dst.is_floating_point() or (dst.element_size() == 1 and src.dtype != dst.dtype):
             raise DsqError(f"{ckpt.folder}: tensor {hf} is {src.dtype}, expected {dst.dtype} for this format")
         dst.copy_(src)
-        if expert is None:
-            pending.pop(name, None)
-        else:
-            pending[name].discard(expert)
-            if not pending[name]:
-                pending.pop(name)
+        _done(pending, name, expert)
     if model.cfg.tie_word_embeddings and "head.weight" in pending:
         model.head.weight = model.embed.weight
         pending.pop("head.weight")

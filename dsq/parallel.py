@@ -423,30 +423,6 @@ def terminal(console: Any, dist: Dist) -> Iterator[Any]:
 
 
 # --- memory ------------------------------------------------------------------------------------------------
-def rank_bytes(cfg: Config, world: int, scheme: Any = None, rank: int = 0,
-               dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
-    """Bytes of weights `rank` of a `world`-rank job holds, by role (attention, dense, shared, experts, router,
-    norm, embed, head): the model the loader would fill, built on the meta device, so no arithmetic of its
-    own can drift from what load_quantized allocates. `scheme` is a dsq.layers.Scheme (None: unquantized);
-    `dtype` is the model dtype of the unquantized tensors."""
-    from dsq.checkpoint import role
-    from dsq.layers import Scheme
-    from dsq.loader import hf_module, swap_formats
-    from dsq.model import Transformer
-
-    scheme = scheme or Scheme(None)
-    with torch.device("meta"):
-        model = Transformer(cfg, dtype, Dist(plan(cfg, world, scheme), rank))
-    swap_formats(model, scheme, dtype)
-    out: dict[str, int] = {}
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if name != "inv_freq":
-            module, _, attr = name.rpartition(".")
-            r = role(f"{hf_module(module, 0 if '.experts.' in name else None)}.{attr}")
-            out[r] = out.get(r, 0) + t.numel() * t.element_size()
-    return out
-
-
 def cache_tokens(cfg: Config, world: int, gpu_bytes: int, scheme: Any = None, kind: str = "fp8",
                  prefill: int = 4096, overhead: int = 1 << 30) -> dict[str, int]:
     """The memory plan of one GPU of `gpu_bytes` in a `world`-GPU job: rank 0's weights (it holds the most),
@@ -456,9 +432,9 @@ def cache_tokens(cfg: Config, world: int, gpu_bytes: int, scheme: Any = None, ki
     from dataclasses import replace
 
     from dsq.cache import bytes_per_token
-    from dsq.plan import activation_bytes
+    from dsq.plan import activation_bytes, weight_bytes
 
-    weights = sum(rank_bytes(cfg, world, scheme).values())
+    weights = sum(weight_bytes(cfg, scheme, world=world).values())
     heads = plan(cfg, world, scheme)[0].heads
     act = activation_bytes(replace(cfg, num_attention_heads=heads[1] - heads[0]), prefill)
     free = gpu_bytes - weights - act - overhead

@@ -3,34 +3,39 @@ free, so a model that does not fit gets a sentence saying what to change instead
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from dsq import parallel
 from dsq.cache import bytes_per_token
-from dsq.checkpoint import Checkpoint, role
+from dsq.checkpoint import role
 from dsq.config import Config
 from dsq.errors import DsqError
+from dsq.layers import Scheme
 
 GB = 1e9
-STORED = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
 
-def weight_bytes(ckpt: Checkpoint, dtype: torch.dtype) -> int:
-    """Bytes the weights take once loaded: quantized tensors as stored, the router in fp32, every other
-    floating tensor (norms, embeddings, head, unquantized projections) in the model dtype."""
-    size = {"F8_E4M3": 1, "F8_E5M2": 1, "BF16": 2, "F16": 2, "F32": 4, "I32": 4, "I64": 8, "I8": 1, "U8": 1}
-    elem = torch.empty(0, dtype=dtype).element_size()
-    total = 0
-    for name in ckpt.files:
-        n = math.prod(ckpt.shape(name))
-        stored = ckpt.dtype(name)
-        if name.rsplit(".", 1)[-1] in STORED or stored.startswith("F8"):
-            total += n * size.get(stored, 4)
-        else:
-            total += n * (4 if role(name) == "router" else elem)
-    return total
+def weight_bytes(cfg: Config, scheme: Scheme | None = None, dtype: torch.dtype = torch.bfloat16, world: int = 1,
+                 rank: int = 0) -> dict[str, int]:
+    """Bytes of weights by role (attention, dense, shared, experts, router, norm, embed, head) that `rank` of a
+    `world`-rank job holds in `scheme`'s formats (None: unquantized, in `dtype`): the model the loader would
+    fill, built on the meta device, so no arithmetic of its own can drift from what load_quantized allocates."""
+    from dsq.loader import hf_module, swap_formats
+    from dsq.model import Transformer
+
+    scheme = scheme or Scheme(None)
+    with torch.device("meta"):
+        model = Transformer(cfg, dtype, parallel.Dist(parallel.plan(cfg, world, scheme), rank))
+    swap_formats(model, scheme, dtype)
+    out: dict[str, int] = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name != "inv_freq":
+            module, _, attr = name.rpartition(".")
+            r = role(f"{hf_module(module, 0 if '.experts.' in name else None)}.{attr}")
+            out[r] = out.get(r, 0) + t.numel() * t.element_size()
+    return out
 
 
 def activation_bytes(cfg: Config, tokens: int, dtype_bytes: int = 2) -> int:

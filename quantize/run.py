@@ -41,7 +41,7 @@ from dsq.config import Config
 from dsq.errors import DsqError
 from dsq.quant import BLOCK, fp8_dequantize_weight, fp8_quantize_weight, int4_pack
 from dsq.quantize.scheme import Options, Task, plan_task, quantization_config
-from dsq.quantize.search import GRID, int4_search, pack_int4
+from dsq.quantize.search import GRID, int4_search
 from dsq.quantize.writer import TMP, Shard, ShardWriter, atomic_write, plan_shards, sha256
 
 PROGRESS = ".dsq-progress.json"
@@ -394,7 +394,7 @@ def _convert_rows(task: Task, w: torch.Tensor, r0: int, writer: ShardWriter, dev
     if task.fmt == "int4":
         packed, scale, _, *zp = task.outs
         res = int4_search(w, opts.group_size, opts.symmetric, GRID if opts.clip_search else (1.0,))
-        writer.write(packed.name, pack_int4(res.q), r0)
+        writer.write(packed.name, int4_pack(res.q), r0)
         writer.write(scale.name, res.scale, r0)
         if zp:
             writer.write(zp[0].name, int4_pack(res.zero, dim=0), r0 // 8)

@@ -82,12 +82,3 @@ def _quantize(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, x
     if zero is not None:
         q.add_(zero.unsqueeze(-1))
     q.clamp_(-8, 7)
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """int8 values in [-8, 7], [rows, in] with in % 8 == 0 -> int32 [rows, in/8]: the same words as
-    `dsq.quant.int4_pack` (element k in nibble k % 8 of word k // 8), 4x faster. On a little-endian host an
-    int16 view v holds two nibbles u0 + 256 * u1, so the low byte of v | v >> 4 is u0 + 16 * u1, and four such
-    bytes read as an int32 are one word."""
-    v = (q + 8).view(torch.int16)
-    return torch.bitwise_or(v, v >> 4, out=v).to(torch.uint8).view(torch.int32)

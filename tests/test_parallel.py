@@ -26,7 +26,7 @@ from dsq.demo import write_tokenizer
 from dsq.errors import DsqError
 from dsq.layers import Scheme
 from dsq.loader import load_model, read_config
-from dsq.parallel import FAULT, TIMEOUT, cache_tokens, plan, rank_bytes, span
+from dsq.parallel import FAULT, TIMEOUT, cache_tokens, plan, span
 from dsq.plan import weight_bytes
 
 IDS = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -200,7 +200,7 @@ class ReadLog:
 @pytest.mark.parametrize("name", ["v2", "fp8-channel+int4"])
 def test_each_rank_reads_only_its_slices_and_experts(ckpts, monkeypatch, name):
     """Loading rank r of 4 needs no process group, so every rank is loaded here, reads logged: no rank reads
-    another's experts, each reads exactly the elements it holds, and rank_bytes is what it allocates."""
+    another's experts, each reads exactly the elements it holds, and weight_bytes is what it allocates."""
     path, world = ckpts[name], 4
     cfg, scheme, ckpt = *read_config(path), Checkpoint(path)
     total = sum(torch.Size(ckpt.shape(n)).numel() for n in ckpt.files)
@@ -212,9 +212,8 @@ def test_each_rank_reads_only_its_slices_and_experts(ckpts, monkeypatch, name):
         held = [t for n, t in [*model.named_parameters(), *model.named_buffers()] if n != "inv_freq"]
         assert sum(log.read.values()) == sum(t.numel() for t in held)
         assert sum(log.read.values()) < total / 2
-        assert sum(rank_bytes(cfg, world, scheme, rank, torch.float32).values()) == \
+        assert sum(weight_bytes(cfg, scheme, torch.float32, world, rank).values()) == \
             sum(t.numel() * t.element_size() for t in held)
-    assert sum(rank_bytes(cfg, 1, scheme, dtype=torch.float32).values()) == weight_bytes(ckpt, torch.float32)
 
 
 # --- the memory plan of docs/parallel.md ----------------------------------------------------------------
@@ -224,7 +223,7 @@ def test_full_v2_memory_plan():
     from dsq.quantize.scheme import Options, quantization_config
 
     cfg, scheme = Config.preset("deepseek-v2"), Scheme(quantization_config(Options()))
-    gb = lambda world: round(sum(rank_bytes(cfg, world, scheme).values()) / 1e9, 2)
+    gb = lambda world: round(sum(weight_bytes(cfg, scheme, world=world).values()) / 1e9, 2)
     assert [gb(w) for w in (1, 2, 4, 8)] == [129.08, 64.96, 32.9, 16.88]
     assert bytes_per_token(cfg, "fp8") == 656 * 60
     mib = 1 << 20

@@ -7,18 +7,22 @@ import torch
 from tiny import make_tiny
 
 import dsq
-from dsq.checkpoint import Checkpoint
 from dsq.config import Config
 from dsq.errors import DsqError
+from dsq.layers import Scheme
+from dsq.loader import read_config
 from dsq.plan import plan, weight_bytes
+from dsq.quantize.scheme import Options, quantization_config
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_weight_bytes_equal_the_loaded_model(tmp_path, dtype):
+@pytest.mark.parametrize("quantize", [None, "fp8-int4"])
+def test_weight_bytes_equal_the_loaded_model(tmp_path, dtype, quantize):
     path = make_tiny(tmp_path, "v2")
-    net = dsq.load_quantized(path, dtype=dtype).net
+    net = dsq.load_quantized(path, dtype=dtype, quantize=quantize).net
     loaded = sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()]) - net.inv_freq.nbytes
-    assert weight_bytes(Checkpoint(path), dtype) == loaded
+    scheme = Scheme(quantization_config(Options())) if quantize else None
+    assert sum(weight_bytes(read_config(path)[0], scheme, dtype).values()) == loaded
 
 
 def test_lite_fits_a_12_gb_card_with_32k_context():

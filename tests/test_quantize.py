@@ -32,7 +32,7 @@ from dsq.errors import DsqError
 from dsq.quant import fp8_dequantize_weight, int4_dequantize, int4_pack, int4_quantize
 from dsq.quantize.run import INDEX, KILL_AFTER, MANIFEST, quantize
 from dsq.quantize.scheme import ROLES, Options, quantization_config, role_of
-from dsq.quantize.search import int4_search, pack_int4
+from dsq.quantize.search import int4_search
 from dsq.quantize.writer import sha256
 
 QUIET = dict(console=Console(file=io.StringIO()))
@@ -74,7 +74,7 @@ def test_search_is_int4_quantize_with_the_best_clip(symmetric, group):
     w = (torch.distributions.StudentT(4.0).sample((96, 256)) * 0.02).to(torch.bfloat16)
     res = int4_search(w, group, symmetric)
     ref = int4_quantize(w, group, symmetric, res.clip)
-    assert torch.equal(pack_int4(res.q), ref["weight_packed"]) and torch.equal(pack_int4(res.q), int4_pack(res.q))
+    assert torch.equal(int4_pack(res.q), ref["weight_packed"])
     assert torch.equal(res.scale, ref["weight_scale"])
     if not symmetric:
         assert torch.equal(int4_pack(res.zero, dim=0), ref["weight_zero_point"])
