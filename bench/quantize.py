@@ -54,8 +54,8 @@ def run_case(src: Path, out: Path, device: str, search: bool) -> dict:
 def maths_only(device: str) -> dict[str, float]:
     """MB/s of the per-tensor maths alone (no I/O) on V2-Lite's expert and dense shapes, run as the pipeline
     runs it: on the CPU, 128-row blocks over one thread per core, each with one intra-op thread."""
-    from dsq.quant import fp8_quantize_weight
-    from dsq.quantize.search import int4_search, pack_int4
+    from dsq.quant import fp8_quantize_weight, int4_pack
+    from dsq.quantize.search import int4_search
 
     threads = torch.get_num_threads()
 
@@ -84,8 +84,8 @@ def maths_only(device: str) -> dict[str, float]:
         torch.set_num_threads(1)
     try:
         return {
-            "int4_clip_search": rate(lambda w: pack_int4(int4_search(w).q), expert),
-            "int4_round_to_nearest": rate(lambda w: pack_int4(int4_search(w, grid=(1.0,)).q), expert),
+            "int4_clip_search": rate(lambda w: int4_pack(int4_search(w).q), expert),
+            "int4_round_to_nearest": rate(lambda w: int4_pack(int4_search(w, grid=(1.0,)).q), expert),
             "fp8_channel": rate(lambda w: fp8_quantize_weight(w), dense),
         }
     finally:
