@@ -63,7 +63,7 @@ class ChatSession:
         t0, n = time.perf_counter(), 0
         try:
             for (token,) in steps(self.model.net, [ids[reuse:]], max_new_tokens, sampling, seed, self.context,
-                                  cache=self.cache, start=[reuse]):
+                                  cache=self.cache, start=[reuse], graphs=self.model.graphs):
                 if n == 0:
                     self.cached = list(ids)
                 n += 1
