@@ -39,3 +39,15 @@ def test_decode_through_fp8_cache_kernel_matches_torch_path(tiny):
     out_cpu = cpu.generate(prompts, max_new_tokens=16)
     same = sum(a == b for x, y in zip(out_gpu, out_cpu, strict=True) for a, b in zip(x, y, strict=True))
     assert same >= 0.9 * sum(len(x) for x in out_cpu)  # fp8 rounding may flip a near-tie late in a sequence
+
+
+def test_chat_with_graphs_equals_eager(tiny):
+    from dsq.chat import ChatSession
+    from dsq.demo import write_tokenizer
+
+    write_tokenizer(tiny, 1000)
+    replies = []
+    for graphs in (False, True):
+        session = ChatSession(dsq.load_quantized(tiny, device="cuda", cuda_graphs=graphs), context=512)
+        replies.append(["".join(session.reply(text, max_new_tokens=12)) for text in ("Hello", "And then?")])
+    assert replies[0] == replies[1]
