@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The prepared GPU suite: one H200, torch 2.11 + triton 3.6 preinstalled, no network; under 8 minutes.
 #
-#     bash bench/gpu_check.sh [STEP ...]    # STEPs: pytest kernels mla e2e quantize (default), sweep
+#     bash bench/gpu_check.sh [STEP ...]    # STEPs: pytest e2e kernels mla quantize (default), v2, sweep
 #
 # Steps, each under its own timeout and each run even when an earlier one failed:
 #   pip install --no-deps --no-build-isolation -e .   (always: maps kernels/, quantize/, cli/ to dsq.*)
-#   pytest    python -m pytest -m gpu -x -q tests/        (the compiled kernels against their references)
+#   pytest    python -m pytest -m gpu -q tests/           (compiled kernels vs references, graphs vs eager)
+#   e2e       python bench/e2e.py                         (V2-Lite end to end vs BF16 eager, the roofline)
 #   kernels   python bench/kernels.py                     (GEMMs and fused MoE, ~3 minutes)
-#   mla, e2e, quantize: bench/<name>.py where it exists.
+#   mla, quantize: bench/<name>.py.
+#   v2        python bench/e2e.py --model deepseek-v2      (only when named: the full V2 on one H200)
 #   sweep     python bench/kernels.py --sweep              (only when named: decode-size tile sweep, ~3 min)
 # Bench convention: every bench/*.py takes `--out DIR` (default $OUT, else ./bench-out), writes <name>.json
 # and <name>.md there, and exits 0 with one line when there is no CUDA.
@@ -20,7 +22,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/bench-out}"
 mkdir -p "$OUT"
 DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-460}))
-STEPS=("${@:-pytest kernels mla e2e quantize}")
+STEPS=("${@:-pytest e2e kernels mla quantize}")
 STEPS=(${STEPS[*]})
 STATUS=()
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
@@ -49,14 +51,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
 
 step install 90 python -m pip install --no-deps --no-build-isolation -q -e .
-wanted pytest && step pytest 150 python -m pytest -m gpu -x -q -p no:cacheprovider tests/
+wanted pytest && step pytest 150 python -m pytest -m gpu --maxfail=20 -q -p no:cacheprovider tests/
+wanted e2e && step e2e 150 python bench/e2e.py --out "$OUT"
 wanted kernels && step kernels 210 python bench/kernels.py --out "$OUT" --budget 140
 wanted sweep && step sweep 240 python bench/kernels.py --sweep --out "$OUT" --budget 180
-for name in mla e2e quantize; do
-    if wanted "$name" && [[ -f "bench/$name.py" ]]; then
-        step "$name" 150 python "bench/$name.py" --out "$OUT"
-    fi
-done
+wanted mla && step mla 120 python bench/mla.py --out "$OUT"
+wanted quantize && step quantize 120 python bench/quantize.py --out "$OUT"
+wanted v2 && step v2 300 python bench/e2e.py --model deepseek-v2 --quick --out "$OUT"
 
 summary="$OUT/summary.md"
 for f in "$OUT"/*.md; do
