@@ -76,10 +76,10 @@ def load_quantized(
 
         scheme = Scheme(quantization_config(Options(**QUANTIZE[quantize])))
     folder = resolve(path_or_repo, revision)
-    if device.type == "cuda":
-        check_fits(folder, device, dtype, kv_cache_dtype, gpu_memory_utilization, max_seq_len or 4096, rank, tp,
-                   scheme)
+    fits = check_fits(folder, device, dtype, kv_cache_dtype, gpu_memory_utilization, max_seq_len or 4096, rank, tp,
+                      scheme) if device.type == "cuda" else None
     net = load_model(folder, device, dtype, rank, tp, scheme)
+    net.cache_tokens = fits.cache_tokens if fits else None
     net.cache_kind = kv_cache_dtype
     for module in net.modules():
         if hasattr(module, "backend"):

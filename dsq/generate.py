@@ -88,7 +88,12 @@ def steps(
         tokens[i, : len(p)] = torch.tensor(p)
     graphs = graphs and device.type == "cuda" and max_new_tokens > 1
     if cache is None:  # a graph replays a whole bucket, so the cache holds a row per bucket slot
-        cache = model.new_cache(bucket(len(prompts)) if graphs else len(prompts), end)
+        rows = bucket(len(prompts)) if graphs else len(prompts)
+        if model.cache_tokens is not None and rows * end > model.cache_tokens:
+            raise DsqError(f"{len(prompts)} sequence(s) of up to {end:,} tokens need a cache of {rows * end:,} "
+                           f"tokens; the memory planner left room for {model.cache_tokens:,}: use fewer or shorter "
+                           "sequences, or raise gpu_memory_utilization")
+        cache = model.new_cache(rows, end)
     pos = first[:, None] + torch.arange(width, device=device)
     logits = None
     for c0 in range(0, width, prefill_chunk):  # chunks bound a long prompt's memory; later ones read the cache

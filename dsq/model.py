@@ -230,6 +230,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", torch.empty(cfg.qk_rope_head_dim // 2), persistent=False)
         self.requires_grad_(False)
         self.cache_kind, self.backend = "fp8", "torch"  # set by load_quantized
+        self.cache_tokens: int | None = None  # what the memory planner says the device's cache can hold
 
     def init_rope(self) -> None:
         """Fill the rope frequencies (buffers are empty after building on the meta device)."""

@@ -42,3 +42,11 @@ def test_refusal_says_what_is_needed_and_what_to_change():
     assert "\n" not in msg
     with pytest.raises(DsqError, match="INT4 routed experts"):
         plan(cfg, weights=int(470e9), total=int(141e9), free=int(141e9), int4_experts=False)
+
+
+def test_generation_beyond_the_planned_cache_is_refused(tmp_path):
+    model = dsq.load_quantized(make_tiny(tmp_path, "lite"))
+    model.net.cache_tokens = 100  # as the planner would set it on a small GPU
+    assert len(model.generate([1, 2, 3], max_new_tokens=20)) == 20
+    with pytest.raises(DsqError, match="need a cache of 4,600 tokens; the memory planner left room for 100"):
+        model.generate([[1, 2, 3]] * 2, max_new_tokens=2297)
