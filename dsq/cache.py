@@ -3,7 +3,8 @@
 Per token and layer it holds RMSNorm(c) [kv_lora_rank] and the roped k_pe [rope dim], in one of the
 layouts of dsq.kernels.mla_cache: "fp8" (FlashMLA's: e4m3 latent with a scale per 128 channels, bf16 rope
 part, 656 B for V2), "bf16" (1,152 B), or "fp32" (the exact reference of the CPU runtime). Writing fuses
-RMSNorm + rope + quantization; attention reads the latents, never expanded K/V."""
+RMSNorm + rope + quantization; decode attends the latents themselves (`attend`), and a prefill chunk that
+continues a cache expands them per head (`latents`)."""
 
 from __future__ import annotations
 
