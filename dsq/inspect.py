@@ -10,11 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from dsq.checkpoint import Checkpoint, resolve, role
+from dsq.checkpoint import DTYPES, Checkpoint, resolve, role
 from dsq.config import Config
-
-BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-         "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def by_role(ckpt: Checkpoint) -> dict[str, dict[str, int | set[str]]]:
@@ -24,7 +21,7 @@ def by_role(ckpt: Checkpoint) -> dict[str, dict[str, int | set[str]]]:
         n = math.prod(ckpt.shape(name))
         dtype = ckpt.dtype(name)
         row = rows[role(name)]
-        row["bytes"] += n * BYTES.get(dtype, 4)
+        row["bytes"] += n * DTYPES[dtype].itemsize
         if name.endswith(".weight_packed"):
             row["params"] += 8 * n
             row["dtypes"].add("INT4")
@@ -63,14 +60,15 @@ def describe(model: str, revision: str | None, console: Console) -> None:
         if r in rows:
             row = rows[r]
             total_p, total_b = total_p + row["params"], total_b + row["bytes"]
-            table.add_row(r, f"{row['params'] / 1e6:,.2f} M", _size(row["bytes"]), ", ".join(sorted(row["dtypes"])))
-    table.add_row("total", f"{total_p / 1e6:,.2f} M", _size(total_b), "", style="bold")
+            table.add_row(r, f"{row['params'] / 1e6:,.2f} M", size(row["bytes"]), ", ".join(sorted(row["dtypes"])))
+    table.add_row("total", f"{total_p / 1e6:,.2f} M", size(total_b), "", style="bold")
     console.print(table)
 
 
-def _size(n: int) -> str:
+def size(n: float) -> str:
+    """Bytes for people: 3 significant digits in B, KB, MB, GB or TB (powers of 1000)."""
     for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
         n /= 1000
-    return str(n)
+    return f"{n:,.3g} TB"

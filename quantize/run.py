@@ -36,9 +36,10 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 import dsq
-from dsq.checkpoint import Checkpoint, resolve
+from dsq.checkpoint import Checkpoint, check_finite, resolve
 from dsq.config import Config
 from dsq.errors import DsqError
+from dsq.inspect import size
 from dsq.quant import BLOCK, fp8_dequantize_weight, fp8_quantize_weight, int4_pack
 from dsq.quantize.scheme import Options, Task, plan_task, quantization_config
 from dsq.quantize.search import GRID, int4_search
@@ -89,13 +90,13 @@ class Report:
         for role, r in sorted(self.roles.items(), key=lambda kv: -kv[1]["in"]):
             errs = [e["rel_err"] for e in r["errs"]]
             sq = [e["sqnr_db"] for e in r["errs"] if e["sqnr_db"] is not None]
-            t.add_row(role, ",".join(sorted(r["formats"])), str(r["n"]), _size(r["in"]), _size(r["out"]),
+            t.add_row(role, ",".join(sorted(r["formats"])), str(r["n"]), size(r["in"]), size(r["out"]),
                       f"{r['in'] / max(r['out'], 1):.2f}x", f"{sum(errs) / len(errs):.2%}" if errs else "-",
                       f"{max(errs):.2%}" if errs else "-", f"{sum(sq) / len(sq):.1f}" if sq else "-")
         size_in = sum(r["in"] for r in self.roles.values())
         size_out = sum(r["out"] for r in self.roles.values())
         t.add_section()
-        t.add_row("total", "", str(len(self.tensors)), _size(size_in), _size(size_out),
+        t.add_row("total", "", str(len(self.tensors)), size(size_in), size(size_out),
                   f"{size_in / max(size_out, 1):.2f}x", "", "", "")
         rate = self.bytes_done / self.seconds / 1e6 if self.seconds else 0.0
         t.caption = (f"{self.shards} shards ({self.resumed} resumed) in {self.seconds:.1f} s, {rate:.0f} MB/s of "
@@ -275,7 +276,7 @@ def _prepare(out: Path, key: dict, shards: list[Shard], force: bool) -> tuple[di
 def _check_space(out: Path, need: int) -> None:
     free = shutil.disk_usage(out).free
     if need > free:
-        raise DsqError(f"{out}: the output needs {_size(need)} more and only {_size(free)} is free; free space "
+        raise DsqError(f"{out}: the output needs {size(need)} more and only {size(free)} is free; free space "
                        "or choose another folder")
 
 
@@ -307,10 +308,7 @@ class Source:
                     raise DsqError(f"{path}: tensor {task.name} is cut short; the file is truncated, re-download it")
                 view, start = view[n:], start + n
         t = buf.view(task.dtype).view(task.shape)
-        if t.is_floating_point() and t.element_size() > 1 and t.numel():
-            lo, hi = torch.aminmax(t)
-            if not (torch.isfinite(lo) and torch.isfinite(hi)):
-                raise DsqError(f"{path}: tensor {task.name} holds NaN or Inf values; the checkpoint is damaged")
+        check_finite(t, path, task.name)
         return t
 
 
@@ -449,9 +447,3 @@ def _finish(out: Path, folder: Path, src: str | Path, revision: str | None, hf_c
     (out / PROGRESS).unlink(missing_ok=True)
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"

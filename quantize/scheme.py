@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from dsq.checkpoint import ROLES
+from dsq.checkpoint import DTYPES, ROLES
 from dsq.checkpoint import role as module_role
 from dsq.errors import DsqError
 from dsq.quant import BLOCK
@@ -29,9 +29,6 @@ CHOICES = {  # the roles a flag sets, and the formats each may take (first = def
 }
 FLAG = {"head": "--lm-head"}  # role -> CLI flag, where it is not --<role>
 GROUP_SIZES = (32, 64, 128)
-TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-                "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
-                "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def flag(role: str) -> str:
@@ -109,9 +106,9 @@ class Task:
 
 def plan_task(name: str, shape: list[int], dtype: str, opts: Options, where: str) -> Task:
     """The conversion of one source tensor; refuses, naming tensor and flag, what the options cannot do."""
-    if dtype not in TORCH_DTYPES:
+    if dtype not in DTYPES:
         raise DsqError(f"{where}: tensor {name} has dtype {dtype}, which dsq does not read")
-    src = TORCH_DTYPES[dtype]
+    src = DTYPES[dtype]
     role = role_of(name)
     fmt = opts.format(role)
     shape_t = tuple(shape)

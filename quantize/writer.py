@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
+from dsq.checkpoint import DTYPES
 from dsq.errors import DsqError
-from dsq.quantize.scheme import TORCH_DTYPES, Out, Task
+from dsq.quantize.scheme import Out, Task
 
-ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+ST_DTYPES = {v: k for k, v in DTYPES.items()}
 TMP = ".dsq-tmp"  # every file dsq writes has this suffix until it is whole
 
 
