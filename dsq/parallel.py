@@ -43,7 +43,6 @@ from dsq.config import Config
 from dsq.errors import DsqError
 
 TIMEOUT = "DSQ_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks (default 600)
-FAULT = "DSQ_TEST_RANK_FAULT"  # tests: "RANK:STEP:exit" or "RANK:STEP:hang" makes that rank fail at that step
 
 
 # --- who holds what ------------------------------------------------------------------------------------
@@ -154,8 +153,6 @@ class Dist:
     def __init__(self, shards: list[Shard], rank: int = 0):
         self.shards, self.rank, self.world = shards, rank, len(shards)
         self.shard = shards[rank]
-        self._fault = _parse_fault(rank) if self.world > 1 else None
-        self._step = 0
 
     @staticmethod
     def single(cfg: Config) -> Dist:
@@ -189,9 +186,6 @@ class Dist:
         on rank 0 (see `terminal`) travels with them and stops every rank at this same step."""
         if self.world == 1:
             return tokens
-        self._step += 1
-        if self._fault is not None and self._step == self._fault[0]:
-            _fail(self._fault[1])
         msg = torch.cat([tokens, tokens.new_tensor([_Interrupt.take()])])
         self._call(td.broadcast, "broadcast", msg, src=0)
         if msg[-1]:
@@ -205,17 +199,6 @@ class Dist:
             cause = str(e).split("\n", 1)[0].split("] ", 1)[-1].split(". ", 1)[0][:200]  # gloo's first sentence
             raise DsqError(f"rank {self.rank}: {what} failed, so another rank has died or stalled ({cause}); "
                            "stopping") from None
-
-
-def _parse_fault(rank: int) -> tuple[int, str] | None:
-    spec = os.environ.get(FAULT, "").split(":")
-    return (int(spec[1]), spec[2]) if len(spec) == 3 and int(spec[0]) == rank else None
-
-
-def _fail(how: str) -> None:
-    if how == "hang":
-        time.sleep(1e6)
-    os._exit(3)
 
 
 # --- joining a job -------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import os
 import queue
 import re
 import shutil
-import signal
 import threading
 import time
 from collections import defaultdict
@@ -54,7 +53,6 @@ OURS = ("*.safetensors", f"*{TMP}", INDEX, MANIFEST, PROGRESS, "config.json")  #
 BLOCK_ELEMENTS = 1 << 18  # a row block quantized by one CPU core (1 MB of fp32): its buffers stay in cache
 BLOCK_ELEMENTS_GPU = 1 << 24  # on a GPU, blocks large enough to hide launch overhead
 PREFETCH_BYTES = 256 << 20  # read at most this far ahead (always at least one tensor)
-KILL_AFTER = "DSQ_TEST_KILL_AFTER_TENSORS"  # tests: SIGKILL this process after N converted tensors
 SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -135,7 +133,6 @@ def quantize(src: str | Path, out: str | Path, opts: Options | None = None, *, r
         (out / name).unlink(missing_ok=True)
 
     todo = [t for s in pending for t in s.tasks]
-    kill_after = int(os.environ.get(KILL_AFTER, "0"))
     converted = 0
 
     def finish_shard(writer: ShardWriter, errors: dict) -> None:
@@ -169,11 +166,10 @@ def quantize(src: str | Path, out: str | Path, opts: Options | None = None, *, r
                 with ShardWriter(out, shard) as writer:
                     for task in shard.tasks:
                         _, tensor = next(stream)
-                        errors[task.name] = {"shard": shard.name, **_convert(task, tensor, writer, dev, opts, pool)}
+                        record = convert_tensor(task, tensor, writer, dev, opts, pool)
+                        errors[task.name] = {"shard": shard.name, **record}
                         del tensor
                         converted += 1
-                        if converted == kill_after:
-                            os.kill(os.getpid(), signal.SIGKILL)
                         done_in += task.nbytes
                         bar.update(job, completed=done_in,
                                    tensors=f"{len(tasks) - len(todo) + converted}/{len(tasks)}")
@@ -351,7 +347,7 @@ def _prefetch(source: Source, tasks: list[Task]) -> Iterator[tuple[Task, torch.T
         thread.join()
 
 
-def _convert(task: Task, w: torch.Tensor, writer: ShardWriter, dev: torch.device, opts: Options,
+def convert_tensor(task: Task, w: torch.Tensor, writer: ShardWriter, dev: torch.device, opts: Options,
              pool: ThreadPoolExecutor) -> dict:
     """Quantize (or cast) one tensor into the shard, row blocks in parallel; return its error record."""
     info = {"role": task.role, "format": task.fmt, "bytes_in": task.nbytes, "bytes_out": task.out_nbytes}

@@ -26,7 +26,7 @@ from dsq.demo import write_tokenizer
 from dsq.errors import DsqError
 from dsq.layers import Scheme
 from dsq.loader import load_model, read_config
-from dsq.parallel import FAULT, TIMEOUT, cache_tokens, plan, span
+from dsq.parallel import TIMEOUT, cache_tokens, plan, span
 from dsq.plan import weight_bytes
 
 IDS = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -34,6 +34,7 @@ PROMPTS = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
 NEW = 8
 SAMPLING = dict(temperature=1.0, top_p=0.9, seed=5)
 CLI = [sys.executable, "-m", "dsq.cli.main"]
+FAULTS = [sys.executable, str(Path(__file__).with_name("faults.py"))]  # the CLI with a fault injected
 UNEVEN = dict(n_routed_experts=6, n_group=3, topk_group=2, num_attention_heads=6, hidden_size=96,
               intermediate_size=345, vocab_size=1001)  # 4 ranks: 2/2/1/1 experts and heads, 87/86/86/86 columns
 BLOCKY = dict(hidden_size=128, num_attention_heads=8, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
@@ -245,10 +246,11 @@ def test_cli_generate_tp_prints_one_ranks_tokens(ckpts):
 def test_a_failed_rank_stops_the_job(ckpts, how):
     """Rank 1 exits (the launcher sees it and kills the rest) or hangs (rank 0's next collective times out
     after DSQ_DIST_TIMEOUT) at its 3rd step: the job ends with a line that says so, not a hang."""
-    env = {**os.environ, FAULT: f"1:3:{how}", TIMEOUT: "3" if how == "hang" else "600"}
+    env = {**os.environ, TIMEOUT: "3" if how == "hang" else "600"}
     t0 = time.monotonic()
-    done = subprocess.run([*CLI, "generate", str(ckpts["v2"]), "--tp", "2", "--ids", "--prompt", "1 2 3",
-                           "--max-new-tokens", "20"], capture_output=True, text=True, timeout=240, env=env)
+    done = subprocess.run([*FAULTS, "rank", "1", "3", how, "generate", str(ckpts["v2"]), "--tp", "2", "--ids",
+                           "--prompt", "1 2 3", "--max-new-tokens", "20"],
+                          capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode != 0
     assert time.monotonic() - t0 < 120
     if how == "exit":

@@ -30,7 +30,7 @@ from dsq.cli.main import app
 from dsq.config import Config
 from dsq.errors import DsqError
 from dsq.quant import fp8_dequantize_weight, int4_dequantize, int4_pack, int4_quantize
-from dsq.quantize.run import INDEX, KILL_AFTER, MANIFEST, quantize
+from dsq.quantize.run import INDEX, MANIFEST, quantize
 from dsq.quantize.scheme import ROLES, Options, quantization_config, role_of
 from dsq.quantize.search import int4_search
 from dsq.quantize.writer import sha256
@@ -229,9 +229,9 @@ def test_killed_run_resumes_to_the_same_shards(tiny, tmp_path):
     hashes = {s: v["sha256"] for s, v in json.loads((tmp_path / "ref" / MANIFEST).read_text())["shards"].items()}
     assert len(hashes) >= 5
     out = tmp_path / "out"
-    killed = subprocess.run([sys.executable, "-m", "dsq.cli.main", "quantize", str(src), str(out), "--shard-size",
-                             "100000"], env=dict(os.environ, **{KILL_AFTER: str(len(ref.tensors) // 2)}),
-                            capture_output=True, text=True, timeout=300)
+    faults = str(Path(__file__).with_name("faults.py"))  # SIGKILL after half the tensors
+    killed = subprocess.run([sys.executable, faults, "kill", str(len(ref.tensors) // 2), "quantize", str(src), str(out),
+                             "--shard-size", "100000"], capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     finished = {p.name: sha256(p) for p in out.glob("model-*.safetensors")}
     assert 0 < len(finished) < len(hashes)
