@@ -5,9 +5,10 @@ TRITON_INTERPRET=1 (how CI checks them against the plain-torch references in dsq
 """
 
 from .act_quant import act_quant
+from .common import GemmConfig
 from .fp8_gemm import fp8_gemm, fp8_gemm_q
 from .fused_moe import fused_moe, fused_moe_ref, moe_align
-from .int4_gemm import GemmConfig, int4_gemm, int4_gemm_ref
+from .int4_gemm import int4_gemm
 
 __all__ = [
     "GemmConfig",
@@ -17,6 +18,5 @@ __all__ = [
     "fused_moe",
     "fused_moe_ref",
     "int4_gemm",
-    "int4_gemm_ref",
     "moe_align",
 ]

@@ -1,9 +1,8 @@
 """Dynamic FP8 (e4m3fn) activation quantization, per token or per token and 1xG group.
 
 Matches `dsq.quant.fp8_quantize_act` bit for bit: scale = max(amax, 1e-12) / 448 and q = rne(x / scale),
-both with IEEE division. The fp32 -> fp8 rounding is done with integer ops (`fp8_e4m3_bits`) rather than a
-cast, because Triton's interpreter casts fp32 -> fp8 wrongly (no carry into the exponent, garbage for
-subnormals); doing it by hand lets the GPU and the interpreter run the same code.
+both with IEEE division. The fp32 -> fp8 rounding is `common.round_e4m3`
+(integer ops: the interpreter's cast is wrong).
 """
 
 from __future__ import annotations
@@ -14,20 +13,7 @@ import triton.language as tl
 
 from dsq.quant import FP8, FP8_MAX
 
-
-@triton.jit
-def fp8_e4m3_bits(v):
-    """fp32 values in [-448, 448] -> their e4m3fn bit patterns (int32 in [0, 255]), round to nearest even."""
-    bits = v.to(tl.int32, bitcast=True)
-    sign = (bits >> 24) & 0x80
-    mag = bits & 0x7FFFFFFF
-    # Normal range (|v| >= 2^-6): keep 3 of the 23 mantissa bits, ties to even; a carry out of the mantissa
-    # bumps the exponent, which is the right answer. Rebias the exponent from 127 to 7.
-    normal = ((mag + 0x7FFFF + ((mag >> 20) & 1)) >> 20) - ((127 - 7) << 3)
-    # Subnormals are multiples of 2^-9: adding 2^23 to |v| * 2^9 rounds it to an integer (ties to even) that
-    # lands in the low mantissa bits; 8 (= 2^-6) comes out as the smallest normal's pattern, also right.
-    sub = (tl.abs(v) * 512.0 + 8388608.0).to(tl.int32, bitcast=True) - 0x4B000000
-    return sign | tl.where(mag >= 0x3C800000, normal, sub)
+from .common import round_e4m3
 
 
 @triton.jit
@@ -50,7 +36,7 @@ def _act_quant_kernel(
         offs = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < end, other=0.0).to(tl.float32)
         v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FMAX), FMAX)
-        tl.store(q_ptr + m * stride_qm + offs, fp8_e4m3_bits(v).to(tl.uint8), mask=offs < end)
+        tl.store(q_ptr + m * stride_qm + offs, round_e4m3(v).to(tl.uint8), mask=offs < end)
 
 
 def act_quant(x: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ Two paths:
   first pass over the row, or per 1x128 tile), narrow column tiles give enough programs to stream the
   weights without splitting K, so a linear layer is one launch;
 - larger M: act_quant writes the fp8 activations once, then the GEMM (wgmma tiles, L2-grouped order).
-Either path splits K over programs when the output tiles cannot fill half the GPU (int4_gemm.pick_split_k).
+Either path splits K over programs when the output tiles cannot fill half the GPU (common.pick_split_k).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import triton.language as tl
 
 from dsq.quant import BLOCK, FP8, FP8_MAX
 
-from .act_quant import act_quant, fp8_e4m3_bits
-from .int4_gemm import GemmConfig, cast_out, pick_split_k, sm_count, splitk_reduce, tile_ids
+from .act_quant import act_quant
+from .common import GemmConfig, cast_out, pick_split_k, round_e4m3, sm_count, splitk_reduce, tile_ids
 
 SMALL_M = 16  # up to here the GEMM quantizes its activations itself
 
@@ -75,7 +75,7 @@ def group_scales(x, FMAX: tl.constexpr):
 def quantize_tile(x, scale, FMAX: tl.constexpr):
     """fp32 [BM, BK] / scale [BM] -> fp8 e4m3 [BM, BK], exactly as act_quant rounds."""
     v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale[:, None]), -FMAX), FMAX)
-    return fp8_e4m3_bits(v).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+    return round_e4m3(v).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
 
 
 @triton.jit

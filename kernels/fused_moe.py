@@ -35,8 +35,9 @@ import triton.language as tl
 from dsq.quant import BLOCK, FP8, FP8_MAX, fp8_linear, int4_dequantize
 
 from .act_quant import act_quant
+from .common import cast_out, dot_dtype, splitk_reduce
 from .fp8_gemm import fp8_dot_step, group_scales, is_block_scale, quantize_tile, token_scales
-from .int4_gemm import cast_out, dot_dtype, int4_dot_step, int4_step, splitk_reduce
+from .int4_gemm import int4_dot_step, int4_step
 
 DECODE_MAX_TOKENS = 8  # up to here one pair per block beats sorting (a guess until measured)
 

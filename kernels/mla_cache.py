@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import round_bf16, round_e4m3
+
 GROUP = 128  # latent channels per fp8 scale (all of them when the latent is narrower, as in tiny test models)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _MIN_SCALE = 1e-30  # keeps an all-zero group finite (0 / scale)
@@ -94,30 +96,6 @@ def alloc_pool(num_blocks: int, block_size: int, kind: str, device: torch.device
 # FMA contraction is switched off for the rope, and the fp32 -> fp8 / bf16 roundings are integer ops
 # (the interpreter's own casts are wrong, BRIEF section 5), compared against torch's casts.
 # ---------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def round_e4m3(x):
-    """fp32 -> float8_e4m3fn bit pattern (int32 0..255): round to nearest even, saturating at 448."""
-    u = x.to(tl.int32, bitcast=True)
-    a = u & 0x7FFFFFFF
-    exp = a >> 23
-    # normal (|x| >= 2^-6, fp32 exponent >= 121): keep 3 mantissa bits, rebias 127 -> 7 (960 = 120 << 3)
-    normal = tl.minimum(((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - 960, 126)
-    # subnormal: k * 2^-9 with k = the 24-bit significand shifted right by 141 - exp, rounded half to even
-    shift = tl.minimum(141 - exp, 31)
-    m = (a & 0x7FFFFF) | 0x800000
-    sub = (m + ((1 << (shift - 1)) - 1) + ((m >> shift) & 1)) >> shift
-    return tl.where(exp >= 121, normal, sub) | (((u >> 31) & 1) << 7)
-
-
-@triton.jit
-def round_bf16(x):
-    """fp32 -> bfloat16 bit pattern (int16): round to nearest even."""
-    u = x.to(tl.int32, bitcast=True)
-    a = u & 0x7FFFFFFF
-    r = (a + 0x7FFF + ((a >> 16) & 1)) >> 16
-    return (r | (((u >> 31) & 1) << 15)).to(tl.int16)
 
 
 @triton.jit

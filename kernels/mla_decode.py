@@ -21,14 +21,12 @@ they take bf16 operands with fp32 accumulation, otherwise the code is the same.
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from dsq.kernels.mla_cache import LatentPool, gather_latents, group_size, round_bf16
+from .common import interpreted, round_bf16, sm_count
+from .mla_cache import LatentPool, gather_latents, group_size
 
 _LOG2E = 1.4426950408889634
 _MIN_SPLIT_TOKENS = 512  # a split's fp32 partial output (64 KB per 16 heads) stays < 20% of its cache bytes
@@ -135,15 +133,6 @@ def _reduce_kernel(mid_ptr, lse_ptr, o_ptr, stride_ob, stride_oh, H, num_splits,
         tl.store(o_ptrs, out, mask=(heads < H)[:, None])
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.lru_cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def default_num_splits(batch: int, num_heads: int, max_seq_len: int, num_sms: int, block_h: int = 16) -> int:
     """KV splits for a batch bucket: about two waves of programs, each split reading >= 512 tokens."""
     programs = batch * triton.cdiv(num_heads, block_h)
@@ -181,7 +170,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, pool: LatentPool, block_
     if max_seq_len is None:
         max_seq_len = block_table.shape[1] * pool.block_size
     if num_splits is None:
-        num_splits = default_num_splits(bsz, h, max_seq_len, _num_sms(q_lat.device), block_h)
+        num_splits = default_num_splits(bsz, h, max_seq_len, sm_count(q_lat) if q_lat.is_cuda else 1, block_h)
     fp8 = pool.kind == "fp8"
     out_bf16 = out.dtype == torch.bfloat16
     o_view = out.view(torch.int16) if out_bf16 else out
@@ -198,7 +187,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, pool: LatentPool, block_
         dst if lse is None else lse, scale * _LOG2E, q_lat.stride(0), q_lat.stride(1), q_pe.stride(0),
         q_pe.stride(1), block_table.stride(0), *dst_strides, h, num_splits, C=c, R=r, GS=group_size(c),
         PAGE=pool.block_size, BLOCK_H=block_h, BLOCK_N=block_n, SPLIT=num_splits > 1, FP8=fp8,
-        OUT_BF16=out_bf16 and num_splits == 1, DOT=tl.float32 if _interpreted() else tl.bfloat16,
+        OUT_BF16=out_bf16 and num_splits == 1, DOT=tl.float32 if interpreted(q_lat) else tl.bfloat16,
         num_warps=num_warps, num_stages=num_stages)
     if mid is not None:
         _reduce_kernel[(bsz, tiles)](mid, lse, o_view, out.stride(0), out.stride(1), h, num_splits, C=c,

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from dsq.kernels import act_quant, fp8_gemm, fp8_gemm_q, fused_moe, fused_moe_ref, int4_gemm, moe_align
-from dsq.kernels.int4_gemm import GemmConfig
+from dsq.kernels.common import GemmConfig
 from dsq.quant import (
     FP8,
     fp8_dequantize_weight,
@@ -293,13 +293,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 mod = lambda name: importlib.import_module("dsq.kernels." + name)  # the package attributes are the functions
-aq, ig, fg, fm = mod("act_quant"), mod("int4_gemm"), mod("fp8_gemm"), mod("fused_moe")
+aq, cm, ig, fg, fm = mod("act_quant"), mod("common"), mod("int4_gemm"), mod("fp8_gemm"), mod("fused_moe")
 x = torch.empty(1, 2048, dtype=torch.bfloat16)
 specs = []  # (kernel, pointer types, constexprs, warps, stages): the launches the wrappers make on bf16 inputs
 for block in (128, 2048):
     specs.append((aq._act_quant_kernel, dict(x_ptr="*bf16", q_ptr="*u8", s_ptr="*fp32"),
                   dict(FMAX=448.0, BLOCK=block), 4 if block <= 1024 else 8, 3))
-specs.append((ig._splitk_reduce_kernel, dict(ws_ptr="*fp32", out_ptr="*bf16"), dict(BLOCK=1024), 4, 3))
+specs.append((cm._splitk_reduce_kernel, dict(ws_ptr="*fp32", out_ptr="*bf16"), dict(BLOCK=1024), 4, 3))
 for m, zp, split in [(1, True, True), (1, False, False), (32, True, False), (100, False, True), (1024, True, False)]:
     c = ig.int4_config(m, 1408, 2048, 128, x)
     specs.append((ig._int4_gemm_kernel, dict(x_ptr="*bf16", wp_ptr="*i32", ws_ptr="*bf16", wz_ptr="*i32",

@@ -12,19 +12,17 @@ import torch
 import triton
 import triton.language as tl
 
-from dsq.kernels.mla import (
+from dsq.kernels.common import round_bf16, round_e4m3
+from dsq.kernels.mla_cache import (
     GROUP,
     LatentPool,
     alloc_pool,
     cache_bytes_per_token,
-    default_num_splits,
     gather_latents,
-    mla_decode,
-    mla_decode_ref,
     write_latent_cache,
     write_latent_cache_ref,
 )
-from dsq.kernels.mla_cache import round_bf16, round_e4m3
+from dsq.kernels.mla_decode import default_num_splits, mla_decode, mla_decode_ref
 
 # the interpreter's own loop bounds trip a numpy deprecation; nothing of ours
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
