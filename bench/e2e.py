@@ -44,24 +44,18 @@ def fill_random(net, std: float = 0.02, seed: int = 0) -> None:
 def build(preset: str, quantized: bool, device: str):
     """A Transformer of the preset's shapes: FP8 + INT4 g128 experts (dsq quantize's default), or BF16."""
     from dsq.config import Config
-    from dsq.layers import Scheme
-    from dsq.loader import swap_formats
+    from dsq.formats import Scheme
     from dsq.model import Transformer
     from dsq.quantize.scheme import Options, quantization_config
 
     cfg = Config.preset(preset)
+    scheme = Scheme(quantization_config(Options())) if quantized else None
     with torch.device("meta"):
-        net = Transformer(cfg, torch.bfloat16)
-    if quantized:
-        swap_formats(net, Scheme(quantization_config(Options())), torch.bfloat16)
+        net = Transformer(cfg, torch.bfloat16, scheme=scheme, backend="triton" if quantized else "torch",
+                          kv_cache_dtype="fp8" if quantized else "bf16")
     net.to_empty(device=device)
     net.init_rope()
     fill_random(net)
-    backend = "triton" if quantized else "torch"
-    for m in net.modules():
-        if hasattr(m, "backend"):
-            m.backend = backend
-    net.cache_kind = "fp8" if quantized else "bf16"
     return net.eval()
 
 

@@ -54,8 +54,7 @@ def run_case(src: Path, out: Path, device: str, search: bool) -> dict:
 def maths_only(device: str) -> dict[str, float]:
     """MB/s of the per-tensor maths alone (no I/O) on V2-Lite's expert and dense shapes, run as the pipeline
     runs it: on the CPU, 128-row blocks over one thread per core, each with one intra-op thread."""
-    from dsq.quant import fp8_quantize_weight, int4_pack
-    from dsq.quantize.search import int4_search
+    from dsq.quant import fp8_quantize_weight, int4_pack, int4_search
 
     threads = torch.get_num_threads()
 
@@ -95,7 +94,7 @@ def maths_only(device: str) -> dict[str, float]:
 def sqnr_table() -> list[str]:
     """SQNR (dB) of INT4 round-to-nearest vs the clip search, on the routed experts' real shapes with
     synthetic weights of four tail weights (real LLM weights sit between Gaussian and Student-t(3))."""
-    from dsq.quantize.search import GRID, int4_search
+    from dsq.quant import GRID, int4_search
 
     gen = torch.Generator().manual_seed(0)
     tails = {"Gaussian": lambda n: torch.randn(n, generator=gen),
@@ -136,7 +135,7 @@ def main() -> None:
         return
     from helpers_quant import write_synthetic
 
-    from dsq.quantize.search import GRID
+    from dsq.quant import GRID
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "quantize-work"

@@ -68,7 +68,7 @@ def generate(
     """Complete a prompt and print the completion as it is generated."""
     params = dict(locals())
     from dsq import load_quantized
-    from dsq.parallel import launch
+    from dsq.launch import launch
     from dsq.tokenizer import TextStream
 
     if ids:
@@ -113,7 +113,7 @@ def chat(
     from dsq import load_quantized
     from dsq.chat import run_chat
     from dsq.generate import Sampling
-    from dsq.parallel import launch, terminal
+    from dsq.launch import launch, terminal
 
     sampling = Sampling(temperature, top_k, top_p)
     if tp > 1 and launch(tp, chat, params):  # ran this command on tp ranks; rank 0 read and printed

@@ -8,19 +8,22 @@ from typing import Any, overload
 
 import torch
 
-from dsq.cache import KINDS
+from dsq.cache import KV_CACHE_DTYPES
 from dsq.checkpoint import resolve
 from dsq.errors import DsqError
+from dsq.formats import FP8Channel, Int4Group, Scheme
 from dsq.generate import Sampling, generate, steps
-from dsq.layers import Scheme
+from dsq.launch import init
+from dsq.layers import BACKENDS
 from dsq.loader import load_model, read_config
+from dsq.memory import MemoryPlan, memory_plan, weight_bytes
 from dsq.model import Transformer
-from dsq.parallel import init
-from dsq.plan import Plan, plan, weight_bytes
 from dsq.tokenizer import TextStream, Tokenizer
 
-BACKENDS = ("torch", "triton")
-QUANTIZE = {"fp8-int4": {}, "fp8": {"experts": "fp8"}}  # load_quantized(quantize=...) -> dsq quantize options
+# load_quantized(quantize=...) -> the format of each role (dsq.checkpoint.ROLES), as `dsq quantize` with
+# its defaults (fp8-int4) or with --experts fp8 (fp8) writes them; the others stay unquantized
+_FP8 = dict.fromkeys(("shared", "dense", "attention"), FP8Channel())
+QUANTIZE = {"fp8-int4": {"experts": Int4Group(128), **_FP8}, "fp8": {"experts": FP8Channel(), **_FP8}}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -66,38 +69,30 @@ def load_quantized(
     backend = backend or ("triton" if device.type == "cuda" else "torch")
     if backend not in BACKENDS:
         raise DsqError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    if kv_cache_dtype not in KINDS:
-        raise DsqError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {', '.join(KINDS)}")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise DsqError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
     if quantize not in (None, *QUANTIZE):
         raise DsqError(f"quantize={quantize!r} is not one of {', '.join(QUANTIZE)}")
-    scheme = None
-    if quantize is not None:
-        from dsq.quantize.scheme import Options, quantization_config
-
-        scheme = Scheme(quantization_config(Options(**QUANTIZE[quantize])))
+    scheme = Scheme.by_role(QUANTIZE[quantize], f"quantize={quantize!r}") if quantize else None
     folder = resolve(path_or_repo, revision)
     fits = check_fits(folder, device, dtype, kv_cache_dtype, gpu_memory_utilization, max_seq_len or 4096, rank, tp,
                       scheme) if device.type == "cuda" else None
-    net = load_model(folder, device, dtype, rank, tp, scheme)
-    net.cache_tokens = fits.cache_tokens if fits else None
-    net.cache_kind = kv_cache_dtype
-    for module in net.modules():
-        if hasattr(module, "backend"):
-            module.backend = backend
+    net = load_model(folder, device, dtype, rank, tp, scheme, backend=backend, kv_cache_dtype=kv_cache_dtype,
+                     cache_tokens=fits.cache_tokens if fits else None)
     tokenizer = Tokenizer(folder) if (folder / "tokenizer.json").exists() else None
     graphs = cuda_graphs and device.type == "cuda" and backend == "triton" and tp == 1
     return Model(net, tokenizer, folder, max_seq_len, graphs)
 
 
-def check_fits(folder: Path, device: torch.device, dtype: torch.dtype, kind: str, utilization: float,
-               tokens: int, rank: int = 0, world: int = 1, scheme: Scheme | None = None) -> Plan:
+def check_fits(folder: Path, device: torch.device, dtype: torch.dtype, kv_cache_dtype: str, utilization: float,
+               tokens: int, rank: int = 0, world: int = 1, scheme: Scheme | None = None) -> MemoryPlan:
     """Run the memory planner against the device's free memory before anything is allocated."""
     cfg, declared = read_config(folder)
     scheme = scheme or declared
-    int4 = any((weights or {}).get("num_bits") == 4 for _, weights in scheme.groups)
+    int4 = scheme.uses(Int4Group)
     free, total = torch.cuda.mem_get_info(device)
     weights = sum(weight_bytes(cfg, scheme, dtype, world, rank).values())  # this rank's slices and experts
-    return plan(cfg, weights, total, free, utilization, kind, need_tokens=tokens,
+    return memory_plan(cfg, weights, total, free, utilization, kv_cache_dtype, need_tokens=tokens,
                 prefill_tokens=min(tokens, 4096), dtype_bytes=torch.empty(0, dtype=dtype).element_size(),
                 int4_experts=int4)
 

@@ -22,28 +22,28 @@ from dsq.kernels.mla_cache import (
     write_latent_cache_ref,
 )
 
-KINDS = ("fp8", "bf16", "fp32")
+KV_CACHE_DTYPES = ("fp8", "bf16", "fp32")
 
 
-def bytes_per_token(cfg: Config, kind: str) -> int:
+def bytes_per_token(cfg: Config, kv_cache_dtype: str) -> int:
     """Cache bytes per token, all layers."""
-    return cfg.num_hidden_layers * cache_bytes_per_token(kind, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
+    return cfg.num_hidden_layers * cache_bytes_per_token(kv_cache_dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
 
 
 class PagedCache:
-    def __init__(self, cfg: Config, batch: int, max_len: int, kind: str = "fp8",
+    def __init__(self, cfg: Config, batch: int, max_len: int, kv_cache_dtype: str = "fp8",
                  device: torch.device | str = "cpu", backend: str = "torch", block_size: int = 64):
-        if kind not in KINDS:
-            raise DsqError(f"kv_cache_dtype {kind!r} is not one of {', '.join(KINDS)}")
-        self.kind, self.backend, self.max_len, self.block_size = kind, backend, max_len, block_size
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise DsqError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
+        self.kv_cache_dtype, self.backend, self.max_len, self.block_size = kv_cache_dtype, backend, max_len, block_size
         per_seq = math.ceil(max_len / block_size)
         self.block_table = torch.arange(batch * per_seq, dtype=torch.int32, device=device).view(batch, per_seq)
-        self.pools = [alloc_pool(batch * per_seq, block_size, kind, device, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
-                      for _ in range(cfg.num_hidden_layers)]
+        self.pools = [alloc_pool(batch * per_seq, block_size, kv_cache_dtype, device, cfg.kv_lora_rank,
+                                 cfg.qk_rope_head_dim) for _ in range(cfg.num_hidden_layers)]
 
     @property
     def kernels(self) -> bool:
-        return self.backend == "triton" and self.kind != "fp32"
+        return self.backend == "triton" and self.kv_cache_dtype != "fp32"
 
     def _slots(self, pos: torch.Tensor) -> torch.Tensor:
         block = self.block_table.gather(1, pos // self.block_size).long()

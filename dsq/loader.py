@@ -1,6 +1,6 @@
 """Build a Transformer from a checkpoint folder: config -> modules in the declared formats -> tensors.
 
-One table maps Hugging Face names onto dsq's; per-expert tensors land in one slot of a stacked weight.
+The model carries the Hugging Face names; per-expert tensors land in one slot of a stacked weight.
 On N ranks (dsq/parallel.py) each rank reads only its own slices (safetensors get_slice) and its own
 experts; the other ranks' experts are never read."""
 
@@ -8,81 +8,54 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
 
 from dsq.checkpoint import Checkpoint
 from dsq.config import Config
 from dsq.errors import DsqError
-from dsq.layers import Experts, Linear, Scheme
+from dsq.formats import BF16, Scheme
+from dsq.layers import Linear
 from dsq.model import Transformer
-from dsq.parallel import Dist, extents, plan, splits
+from dsq.parallel import Dist, extents, shard_plan, splits
 
-# Hugging Face name component -> dsq name component.
-RENAME = {
-    "embed_tokens": "embed", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn": "attn", "q_proj": "wq", "q_a_proj": "wq_a", "q_a_layernorm": "q_norm", "q_b_proj": "wq_b",
-    "kv_a_proj_with_mqa": "wkv_a", "kv_a_layernorm": "kv_norm", "kv_b_proj": "wkv_b", "o_proj": "wo",
-    "mlp": "ffn", "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3", "shared_experts": "shared",
-    "lm_head": "head",
-}
-HF_NAME = {v: k for k, v in RENAME.items()}
-EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(w[123])\.(\w+)$")
+EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(.*)$")
 
 
-def dsq_name(hf: str) -> tuple[str, int | None]:
-    """`model.layers.1.mlp.experts.7.gate_proj.weight` -> (`layers.1.ffn.experts.w1.weight`, 7)."""
-    name = ".".join(RENAME.get(p, p) for p in hf.removeprefix("model.").split("."))
-    m = EXPERT.match(name)
-    return (f"{m[1]}.{m[3]}.{m[4]}", int(m[2])) if m else (name, None)
+def stacked(hf: str) -> tuple[str, int | None]:
+    """A checkpoint name -> (the model's name, expert slot): routed experts are stacked, so
+    `...mlp.experts.7.gate_proj.weight` is slot 7 of `...mlp.experts.gate_proj.weight`."""
+    m = EXPERT.match(hf)
+    return (f"{m[1]}.{m[3]}", int(m[2])) if m else (hf, None)
 
 
-def hf_module(name: str, expert: int | None = None) -> str:
-    """dsq module name -> Hugging Face module name (`experts.w1` of expert e -> `experts.e.gate_proj`)."""
-    parts = [HF_NAME.get(p, p) for p in name.split(".")]
-    if expert is not None:
-        parts.insert(-1, str(expert))
-    hf = ".".join(parts)
-    return hf if hf == "lm_head" else f"model.{hf}"
+def unstacked(name: str, expert: int | None) -> str:
+    """The inverse of `stacked`."""
+    if expert is None:
+        return name
+    experts, _, rest = name.partition(".experts.")
+    return f"{experts}.experts.{expert}.{rest}"
+
+
+def tensor_names(model: Transformer) -> Iterator[tuple[str, int | None, torch.Tensor]]:
+    """(the model's name, expert slot or None, tensor) of every checkpoint tensor the model holds."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name == "inv_freq":
+            continue
+        if ".experts." in name:
+            yield from ((name, e, t[e]) for e in range(t.shape[0]))
+        else:
+            yield name, None, t
 
 
 def hf_tensors(cfg: Config) -> dict[str, tuple[int, ...]]:
     """Every tensor an unquantized checkpoint of this config holds: HF name -> shape."""
     with torch.device("meta"):
         model = Transformer(cfg, torch.bfloat16)
-    out = {}
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if name == "inv_freq":
-            continue
-        module, _, attr = name.rpartition(".")
-        if ".experts." in name:
-            for e in range(t.shape[0]):
-                out[f"{hf_module(module, e)}.{attr}"] = tuple(t.shape[1:])
-        else:
-            out[f"{hf_module(module)}.{attr}"] = tuple(t.shape)
-    return out
-
-
-def swap_formats(model: Transformer, scheme: Scheme, dtype: torch.dtype) -> None:
-    """Replace each Linear / Experts built by the model with the format the checkpoint declares."""
-    for name, module in list(model.named_modules()):
-        parent, _, attr = name.rpartition(".")
-        if isinstance(module, Experts):
-            lo = model.dist.shard.experts[0]  # this rank's first expert
-            makes = {scheme.format(hf_module(f"{name}.w1", lo + e)) for e in range(module.n_experts)}
-            makes |= {scheme.format(hf_module(f"{name}.{w}", lo)) for w in ("w2", "w3")}
-            if len({_key(m) for m in makes}) != 1:
-                raise DsqError(f"{scheme.where}: the routed experts of {hf_module(name)} mix formats; "
-                               "dsq needs one format for all experts of a layer")
-            new: nn.Module = Experts(module.n_experts, module.w1.in_features, module.w1.out_features,
-                                     make=makes.pop(), dtype=dtype)
-        elif type(module) is Linear and ".experts." not in f"{name}.":
-            new = scheme.format(hf_module(name))(module.in_features, module.out_features, dtype=dtype)
-        else:
-            continue
-        model.get_submodule(parent).register_module(attr, new) if parent else setattr(model, attr, new)
+    return {unstacked(n, e): tuple(t.shape) for n, e, t in tensor_names(model)}
 
 
 def _read_slice(model: Transformer, ckpt: Checkpoint, hf: str, split: tuple[int, str, int], module: str,
@@ -93,9 +66,9 @@ def _read_slice(model: Transformer, ckpt: Checkpoint, hf: str, split: tuple[int,
     tensor S long along that dim (the weight, packed words, group or block scales) holds them from a * S // L:
     exact, as the plan cuts on whole packing units. A [out, 1] channel scale keeps its one column."""
     dim, rng, width = split
-    if hf.endswith(".weight_shape"):  # INT4's [out, in], now this rank's
-        m = model.get_submodule(module)
-        return torch.tensor([m.out_features, m.in_features])
+    m = model.get_submodule(module)
+    if m.fmt.spec(m.out_features, m.in_features, dst.dtype)[hf.rpartition(".")[2]].unit is None:
+        return torch.tensor([m.out_features, m.in_features])  # not a slice: this rank's [out, in]
     shape = ckpt.shape(hf)
     a = getattr(model.dist.shard, rng)[0] * width
     start = a * shape[dim] // (extents(model.cfg)[rng] * width)
@@ -117,11 +90,6 @@ def _done(pending: dict[str, set[int] | None], name: str, expert: int | None) ->
             pending.pop(name)
 
 
-def _key(make) -> tuple:
-    """Comparable identity of a module factory (a class or a functools.partial of one)."""
-    return (getattr(make, "func", make), tuple(sorted(getattr(make, "keywords", {}).items())))
-
-
 def read_config(folder: Path) -> tuple[Config, Scheme]:
     """A model folder's Config and the formats its quantization_config declares."""
     hf_cfg_path = folder / "config.json"
@@ -133,9 +101,10 @@ def read_config(folder: Path) -> tuple[Config, Scheme]:
 
 
 def load_model(folder: Path, device: torch.device, dtype: torch.dtype, rank: int = 0, world: int = 1,
-               quantize: Scheme | None = None) -> Transformer:
+               quantize: Scheme | None = None, **serving: Any) -> Transformer:
     """The model in the formats its config declares; on `world` ranks, rank `rank`'s part of it. `quantize`
-    gives an unquantized checkpoint formats to be quantized into while loading, tensor by tensor."""
+    gives an unquantized checkpoint formats to be quantized into while loading, tensor by tensor. `serving`:
+    Transformer's backend, kv_cache_dtype and cache_tokens."""
     cfg, scheme = read_config(folder)
     if quantize is not None:
         if scheme.groups:
@@ -143,8 +112,7 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype, rank: int
         scheme = quantize
     ckpt = Checkpoint(folder)
     with torch.device("meta"):
-        model = Transformer(cfg, dtype, Dist(plan(cfg, world, scheme), rank))
-    swap_formats(model, scheme, dtype)
+        model = Transformer(cfg, dtype, Dist(shard_plan(cfg, world, scheme), rank), scheme, **serving)
     model.to_empty(device=device)
     model.init_rope()
     load_tensors(model, ckpt, device, convert=quantize is not None)
@@ -161,9 +129,9 @@ def load_tensors(model: Transformer, ckpt: Checkpoint, device: torch.device, con
     unexpected = []
     split, (lo, hi) = (splits(model.cfg) if model.dist.world > 1 else {}), model.dist.shard.experts
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, Linear) and
-                 type(m) is not Linear} if convert else {}
+                 m.fmt != BF16} if convert else {}
     for hf in ckpt.files:
-        name, expert = dsq_name(hf)
+        name, expert = stacked(hf)
         module, _, attr = name.rpartition(".")
         owner = quantized.get(module) if attr == "weight" else None  # a float weight to quantize on load
         if (name not in targets and owner is None) or (expert is not None and expert >= model.cfg.n_routed_experts):
@@ -192,12 +160,11 @@ def load_tensors(model: Transformer, ckpt: Checkpoint, device: torch.device, con
             raise DsqError(f"{ckpt.folder}: tensor {hf} is {src.dtype}, expected {dst.dtype} for this format")
         dst.copy_(src)
         _done(pending, name, expert)
-    if model.cfg.tie_word_embeddings and "head.weight" in pending:
-        model.head.weight = model.embed.weight
-        pending.pop("head.weight")
+    if model.cfg.tie_word_embeddings and "lm_head.weight" in pending:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        pending.pop("lm_head.weight")
     if pending:
-        missing = [hf_module(n.rsplit(".", 1)[0], None if e is None else min(e)) + "." + n.rsplit(".", 1)[1]
-                   for n, e in pending.items()]
+        missing = [unstacked(n, None if e is None else min(e)) for n, e in pending.items()]
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise DsqError(f"{ckpt.folder}: missing tensor(s) {', '.join(missing[:3])}{more}; "
                        "the checkpoint is incomplete or not made for this config")

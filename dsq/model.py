@@ -1,9 +1,11 @@
 """DeepSeek-V2 in plain PyTorch: MLA attention over a latent cache, DeepSeekMoE, YaRN rope.
 
-Names are short (DeepSeek-V3 inference style); dsq/loader.py maps the Hugging Face names onto them.
-Every weight matmul goes through dsq.layers (Linear / Experts), where quantized formats swap in.
-Modules are built with this rank's shapes (`Dist.shard`, dsq/parallel.py): its heads, intermediate
-columns, experts and vocab rows; a Block sums the ranks' partial outputs with `Dist.all_reduce`."""
+Modules carry the Hugging Face names (model.layers.N.self_attn.q_proj, mlp.experts, lm_head, ...), so a
+checkpoint tensor's name is its parameter's name; only routed experts differ: they are stacked, and
+`model.layers.N.mlp.experts.E.gate_proj.weight` is slot E of `...mlp.experts.gate_proj.weight`.
+Every weight matmul goes through dsq.layers.Linear, built in the format the checkpoint declares for it
+(`Build`). Modules are built with this rank's shapes (`Dist.shard`, dsq/parallel.py): its heads,
+intermediate columns, experts and vocab rows; a Block sums the ranks' partial outputs with `Dist.all_reduce`."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from torch import nn
 
 from dsq.cache import PagedCache
 from dsq.config import Config
-from dsq.layers import Experts, Linear
+from dsq.formats import Scheme
+from dsq.layers import Build, project
 from dsq.parallel import Dist
 
 
@@ -58,33 +61,42 @@ class MLA(nn.Module):
     """Multi-head latent attention. Naive path (prefill): expand K/V per head from the latent.
     Absorbed path (decode): fold W_UK into the query and W_UV after attention, attending the latent cache."""
 
-    def __init__(self, cfg: Config, dtype: torch.dtype, dist: Dist):
+    def __init__(self, cfg: Config, build: Build, dist: Dist, name: str):
         super().__init__()
-        d, h = cfg.hidden_size, dist.shard.heads[1] - dist.shard.heads[0]  # this rank's heads
-        self.h, self.p, self.r, self.v, self.c = (h, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
-                                                  cfg.kv_lora_rank)
+        d, dtype = cfg.hidden_size, build.dtype
+        self.n_heads = dist.shard.heads[1] - dist.shard.heads[0]  # this rank's heads
+        self.qk_nope_head_dim, self.qk_rope_head_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        self.v_head_dim, self.kv_lora_rank = cfg.v_head_dim, cfg.kv_lora_rank
         self.scale = cfg.softmax_scale
+        q_out = self.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
         if cfg.q_lora_rank:
-            self.wq_a = Linear(d, cfg.q_lora_rank, dtype=dtype)
-            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype)
-            self.wq_b = Linear(cfg.q_lora_rank, h * (self.p + self.r), dtype=dtype)
+            self.q_a_proj = build.linear(f"{name}.q_a_proj", d, cfg.q_lora_rank)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype)
+            self.q_b_proj = build.linear(f"{name}.q_b_proj", cfg.q_lora_rank, q_out)
         else:
-            self.wq = Linear(d, h * (self.p + self.r), dtype=dtype)
-        self.wkv_a = Linear(d, self.c + self.r, dtype=dtype)  # replicated: every rank caches the whole latent
-        self.kv_norm = RMSNorm(self.c, cfg.rms_norm_eps, dtype)
-        self.wkv_b = Linear(self.c, h * (self.p + self.v), dtype=dtype)
-        self.wo = Linear(h * self.v, d, dtype=dtype)  # row-parallel: a partial sum over this rank's heads
+            self.q_proj = build.linear(f"{name}.q_proj", d, q_out)
+        # replicated: every rank caches the whole latent
+        self.kv_a_proj_with_mqa = build.linear(f"{name}.kv_a_proj_with_mqa", d, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, dtype)
+        self.kv_b_proj = build.linear(f"{name}.kv_b_proj", cfg.kv_lora_rank,
+                                      self.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+        # row-parallel: a partial sum over this rank's heads
+        self.o_proj = build.linear(f"{name}.o_proj", self.n_heads * cfg.v_head_dim, d)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: PagedCache | None, layer: int, absorb: bool) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
-        q_nope, q_pe = q.view(b, t, self.h, self.p + self.r).split([self.p, self.r], dim=-1)
+        nope, rope_dim = self.qk_nope_head_dim, self.qk_rope_head_dim
+        if hasattr(self, "q_a_proj"):  # the two projections of x share one activation quantization
+            q_a, kv_a = project(x, self.q_a_proj, self.kv_a_proj_with_mqa)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
+        else:
+            q, kv_a = project(x, self.q_proj, self.kv_a_proj_with_mqa)
+        q_nope, q_pe = q.view(b, t, self.n_heads, nope + rope_dim).split([nope, rope_dim], dim=-1)
         cos, sin = rope
         q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None])
-        kv_a = self.wkv_a(x)
         if cache is not None:
-            cache.write(layer, pos, kv_a, self.kv_norm.weight, self.kv_norm.eps, cos, sin)
+            cache.write(layer, pos, kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos, sin)
         if absorb:
             o = self._absorbed(q_nope, q_pe, pos, cache, layer)
         elif cache is not None and bool((pos[:, 0] > 0).any()):  # a chunk continuing the cache: attend all of it
@@ -92,23 +104,25 @@ class MLA(nn.Module):
             keys = torch.arange(kv.shape[1], device=pos.device).expand(b, -1)
             o = self._naive(q_nope, q_pe, kv.to(x.dtype), k_pe.to(x.dtype), pos, keys)
         else:
-            kv, k_pe = kv_a.split([self.c, self.r], dim=-1)
-            o = self._naive(q_nope, q_pe, self.kv_norm(kv), apply_rope(k_pe, cos, sin), pos, pos)
-        return self.wo(o.flatten(2))
+            kv, k_pe = kv_a.split([self.kv_lora_rank, rope_dim], dim=-1)
+            o = self._naive(q_nope, q_pe, self.kv_a_layernorm(kv), apply_rope(k_pe, cos, sin), pos, pos)
+        return self.o_proj(o.flatten(2))
 
     def _naive(self, q_nope, q_pe, kv, k_pe, pos, keys) -> torch.Tensor:
         """Queries at positions pos [B, T] against latents kv [B, S, C], k_pe [B, S, R] at positions keys [B, S]."""
         b, s = keys.shape
-        k_nope, v = self.wkv_b(kv).view(b, s, self.h, self.p + self.v).split([self.p, self.v], dim=-1)
+        nope, v_dim = self.qk_nope_head_dim, self.v_head_dim
+        k_nope, v = self.kv_b_proj(kv).view(b, s, self.n_heads, nope + v_dim).split([nope, v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
-        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.h, -1)], dim=-1).transpose(1, 2)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
         mask = pos[:, None, :, None] >= keys[:, None, None, :]  # a query sees keys at positions <= its own
         o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, scale=self.scale)
         return o.transpose(1, 2)
 
     def _absorbed(self, q_nope, q_pe, pos, cache: PagedCache, layer: int) -> torch.Tensor:
-        w = self.wkv_b.dequantize().view(self.h, self.p + self.v, self.c).float()
-        w_uk, w_uv = w[:, : self.p], w[:, self.p :]
+        nope = self.qk_nope_head_dim
+        w = self.kv_b_proj.dequantize().view(self.n_heads, nope + self.v_head_dim, self.kv_lora_rank).float()
+        w_uk, w_uv = w[:, :nope], w[:, nope:]
         q_lat = torch.einsum("bthp,hpc->bthc", q_nope.float(), w_uk)
         o_lat = cache.attend(layer, q_lat, q_pe, pos, self.scale)
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv).to(q_nope.dtype)
@@ -141,27 +155,29 @@ class MLP(nn.Module):
     """SwiGLU: the dense layers and the shared experts. On N ranks `inter` is this rank's columns and the
     output a partial sum."""
 
-    def __init__(self, dim: int, inter: int, dtype: torch.dtype):
+    def __init__(self, build: Build, name: str, dim: int, inter: int):
         super().__init__()
-        self.w1, self.w2, self.w3 = Linear(dim, inter, dtype=dtype), Linear(inter, dim, dtype=dtype), \
-            Linear(dim, inter, dtype=dtype)
+        self.gate_proj = build.linear(f"{name}.gate_proj", dim, inter)
+        self.up_proj = build.linear(f"{name}.up_proj", dim, inter)
+        self.down_proj = build.linear(f"{name}.down_proj", inter, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MoE(nn.Module):
     """Routed experts + shared experts. On N ranks this rank holds experts [lo, hi) and its columns of the
     shared experts; the output is its partial sum (routed and shared together, so one all-reduce follows)."""
 
-    def __init__(self, cfg: Config, dtype: torch.dtype, dist: Dist):
+    def __init__(self, cfg: Config, build: Build, dist: Dist, name: str):
         super().__init__()
         d = cfg.hidden_size
         self.lo, self.hi = dist.shard.experts
         self.gate = Gate(cfg)  # replicated: every rank routes every token
-        self.experts = Experts(self.hi - self.lo, d, cfg.moe_intermediate_size, dtype=dtype)
+        self.experts = build.experts(f"{name}.experts", range(self.lo, self.hi), d, cfg.moe_intermediate_size)
         shared = dist.shard.shared[1] - dist.shard.shared[0]
-        self.shared = MLP(d, shared, dtype) if cfg.n_shared_experts else None
+        self.shared_experts = MLP(build, f"{name}.shared_experts", d, shared) if cfg.n_shared_experts else None
         self.all_here = self.hi - self.lo == cfg.n_routed_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,7 +185,7 @@ class MoE(nn.Module):
         weight, idx = self.gate(flat)
         y = self.experts(flat, idx, weight) if self.all_here else self._local(flat, weight, idx)
         y = y.view_as(x)
-        return y + self.shared(x) if self.shared is not None else y
+        return y + self.shared_experts(x) if self.shared_experts is not None else y
 
     def _local(self, flat: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The contributions of this rank's experts only: each (token, slot) routed here is run as a token
@@ -186,18 +202,19 @@ class Block(nn.Module):
     """Attention then MLP or MoE, each a residual. On N ranks each returns a partial sum, completed by one
     all-reduce: two per layer, the fewest the RMSNorm between them allows."""
 
-    def __init__(self, cfg: Config, layer: int, dtype: torch.dtype, dist: Dist):
+    def __init__(self, cfg: Config, layer: int, build: Build, dist: Dist):
         super().__init__()
-        self.layer, self.dist = layer, dist
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.attn = MLA(cfg, dtype, dist)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.layer, self.dist, name = layer, dist, f"model.layers.{layer}"
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, build.dtype)
+        self.self_attn = MLA(cfg, build, dist, f"{name}.self_attn")
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, build.dtype)
         dense = dist.shard.dense[1] - dist.shard.dense[0]
-        self.ffn = MoE(cfg, dtype, dist) if cfg.is_moe(layer) else MLP(cfg.hidden_size, dense, dtype)
+        self.mlp = (MoE(cfg, build, dist, f"{name}.mlp") if cfg.is_moe(layer)
+                    else MLP(build, f"{name}.mlp", cfg.hidden_size, dense))
 
     def forward(self, x, pos, rope, cache, absorb) -> torch.Tensor:
-        x = x + self.dist.all_reduce(self.attn(self.attn_norm(x), pos, rope, cache, self.layer, absorb))
-        return x + self.dist.all_reduce(self.ffn(self.ffn_norm(x)))
+        x = x + self.dist.all_reduce(self.self_attn(self.input_layernorm(x), pos, rope, cache, self.layer, absorb))
+        return x + self.dist.all_reduce(self.mlp(self.post_attention_layernorm(x)))
 
 
 class Embedding(nn.Module):
@@ -217,27 +234,41 @@ class Embedding(nn.Module):
         return self.dist.all_reduce(x)
 
 
-class Transformer(nn.Module):
-    def __init__(self, cfg: Config, dtype: torch.dtype = torch.bfloat16, dist: Dist | None = None):
+class Decoder(nn.Module):
+    """The embedding, the blocks and the final norm: HF's `model.` prefix."""
+
+    def __init__(self, cfg: Config, build: Build, dist: Dist):
         super().__init__()
-        self.cfg, self.dtype = cfg, dtype
+        self.embed_tokens = Embedding(cfg.hidden_size, build.dtype, dist)
+        self.layers = nn.ModuleList(Block(cfg, i, build, dist) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, build.dtype)
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V2 for causal LM on this rank. `scheme`: the formats of the linear modules (None:
+    unquantized, in `dtype`); `backend`: "torch" references or "triton" kernels; `kv_cache_dtype`: the
+    layout of the caches it makes (dsq.cache); `cache_tokens`: the most they may hold (None: no bound)."""
+
+    def __init__(self, cfg: Config, dtype: torch.dtype = torch.bfloat16, dist: Dist | None = None,
+                 scheme: Scheme | None = None, backend: str = "torch", kv_cache_dtype: str = "fp8",
+                 cache_tokens: int | None = None):
+        super().__init__()
+        self.cfg, self.dtype, self.backend, self.kv_cache_dtype = cfg, dtype, backend, kv_cache_dtype
+        self.cache_tokens = cache_tokens  # what the memory planner says the device's cache can hold
         self.dist = dist = dist or Dist.single(cfg)
-        self.embed = Embedding(cfg.hidden_size, dtype, dist)
-        self.layers = nn.ModuleList(Block(cfg, i, dtype, dist) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        build = Build(scheme, dtype, backend)
+        self.model = Decoder(cfg, build, dist)
         self.vocab = [hi - lo for lo, hi in (s.vocab for s in dist.shards)]  # every rank's slice of the logits
-        self.head = Linear(cfg.hidden_size, self.vocab[dist.rank], dtype=dtype)  # column-parallel
+        self.lm_head = build.linear("lm_head", cfg.hidden_size, self.vocab[dist.rank])  # column-parallel
         self.register_buffer("inv_freq", torch.empty(cfg.qk_rope_head_dim // 2), persistent=False)
         self.requires_grad_(False)
-        self.cache_kind, self.backend = "fp8", "torch"  # set by load_quantized
-        self.cache_tokens: int | None = None  # what the memory planner says the device's cache can hold
 
     def init_rope(self) -> None:
         """Fill the rope frequencies (buffers are empty after building on the meta device)."""
         self.inv_freq.copy_(rope_frequencies(self.cfg))
 
     def new_cache(self, batch: int, max_len: int) -> PagedCache:
-        return PagedCache(self.cfg, batch, max_len, self.cache_kind, self.inv_freq.device, self.backend)
+        return PagedCache(self.cfg, batch, max_len, self.kv_cache_dtype, self.inv_freq.device, self.backend)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache: PagedCache | None = None,
@@ -248,9 +279,9 @@ class Transformer(nn.Module):
         y = self.cfg.rope_scaling
         factor = y.attention_factor if y is not None else 1.0
         rope = (angle.cos() * factor, angle.sin() * factor)
-        x = self.embed(tokens)
-        for layer in self.layers:
+        x = self.model.embed_tokens(tokens)
+        for layer in self.model.layers:
             x = layer(x, pos, rope, cache, absorb)
         if last is not None:
             x = x[torch.arange(x.shape[0], device=x.device), last]
-        return self.dist.all_gather(self.head(self.norm(x)).float(), self.vocab)
+        return self.dist.all_gather(self.lm_head(self.model.norm(x)).float(), self.vocab)

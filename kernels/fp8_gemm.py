@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsq.quant import BLOCK, FP8, FP8_MAX
+from dsq.quant import BLOCK, FP8, FP8_MAX, is_block_scale
 
 from .act_quant import act_quant
 from .common import GemmConfig, cast_out, pick_split_k, round_e4m3, sm_count, splitk_reduce, tile_ids
@@ -122,11 +122,6 @@ def _fp8_gemm_kernel(
     out_ptr += tl.program_id(1).to(tl.int64) * M * N
     out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(out, cast_out(acc, out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
-
-
-def is_block_scale(weight: torch.Tensor, weight_scale: torch.Tensor) -> bool:
-    """The rule dsq.quant uses: [N, 1] is per channel, anything else is per 128x128 block."""
-    return not (weight_scale.shape[-1] == 1 and weight_scale.shape[-2] == weight.shape[-2])
 
 
 def fp8_config(m: int, n: int, k: int, x: torch.Tensor) -> GemmConfig:

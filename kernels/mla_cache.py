@@ -49,7 +49,7 @@ class LatentPool(NamedTuple):
     pe: torch.Tensor  # [num_blocks, block_size, R] bfloat16
 
     @property
-    def kind(self) -> str:
+    def kv_cache_dtype(self) -> str:
         """"fp8", "bf16", or "fp32" (the exact reference cache of the CPU runtime; the kernels refuse it)."""
         return "fp8" if self.scale is not None else "bf16" if self.kv.dtype == torch.bfloat16 else "fp32"
 
@@ -62,25 +62,25 @@ def group_size(kv_lora_rank: int) -> int:
     return min(GROUP, kv_lora_rank)
 
 
-def cache_bytes_per_token(kind: str, kv_lora_rank: int = 512, rope_dim: int = 64) -> int:
+def cache_bytes_per_token(kv_cache_dtype: str, kv_lora_rank: int = 512, rope_dim: int = 64) -> int:
     """Cache bytes per token per layer: 656 ("fp8"), 1,152 ("bf16") or 2,304 ("fp32") for DeepSeek-V2."""
-    if kind == "fp8":
+    if kv_cache_dtype == "fp8":
         return kv_lora_rank + 4 * (kv_lora_rank // group_size(kv_lora_rank)) + 2 * rope_dim
-    if kind in ("bf16", "fp32"):
-        return (2 if kind == "bf16" else 4) * (kv_lora_rank + rope_dim)
-    raise ValueError(f"cache kind must be 'fp8', 'bf16' or 'fp32', not {kind!r}")
+    if kv_cache_dtype in ("bf16", "fp32"):
+        return (2 if kv_cache_dtype == "bf16" else 4) * (kv_lora_rank + rope_dim)
+    raise ValueError(f"kv_cache_dtype must be 'fp8', 'bf16' or 'fp32', not {kv_cache_dtype!r}")
 
 
-def alloc_pool(num_blocks: int, block_size: int, kind: str, device: torch.device | str,
+def alloc_pool(num_blocks: int, block_size: int, kv_cache_dtype: str, device: torch.device | str,
                kv_lora_rank: int = 512, rope_dim: int = 64) -> LatentPool:
     """A zeroed pool (so a stray read of an unused slot gives 0, not NaN bytes)."""
-    cache_bytes_per_token(kind, kv_lora_rank, rope_dim)  # validates kind
+    cache_bytes_per_token(kv_cache_dtype, kv_lora_rank, rope_dim)  # validates kv_cache_dtype
     gs = group_size(kv_lora_rank)
     assert kv_lora_rank % gs == 0, f"kv_lora_rank {kv_lora_rank} must be a multiple of {GROUP}"
     shape = (num_blocks, block_size)
-    dtype = torch.float32 if kind == "fp32" else torch.bfloat16
+    dtype = torch.float32 if kv_cache_dtype == "fp32" else torch.bfloat16
     pe = torch.zeros(*shape, rope_dim, dtype=dtype, device=device)
-    if kind != "fp8":
+    if kv_cache_dtype != "fp8":
         return LatentPool(torch.zeros(*shape, kv_lora_rank, dtype=dtype, device=device), None, pe)
     kv = torch.zeros(*shape, kv_lora_rank, dtype=torch.float8_e4m3fn, device=device)
     scale = torch.zeros(*shape, kv_lora_rank // gs, dtype=torch.float32, device=device)
@@ -154,10 +154,10 @@ def write_latent_cache(pool: LatentPool, kv_a: torch.Tensor, norm_weight: torch.
     """
     c, r = _check_write(pool, kv_a, norm_weight, cos, sin, slots)
     assert c & (c - 1) == 0 and r & (r - 1) == 0 and r >= 2, "C and R must be powers of two"
-    assert pool.kind != "fp32", "the fp32 reference cache is written by write_latent_cache_ref"
+    assert pool.kv_cache_dtype != "fp32", "the fp32 reference cache is written by write_latent_cache_ref"
     if kv_a.shape[0] == 0:
         return
-    fp8 = pool.kind == "fp8"
+    fp8 = pool.kv_cache_dtype == "fp8"
     kv = pool.kv.view(torch.uint8 if fp8 else torch.int16)
     _cache_write_kernel[(kv_a.shape[0],)](
         kv_a, kv_a.stride(0), norm_weight, cos, sin, slots, kv, pool.scale if fp8 else kv,
@@ -173,7 +173,7 @@ def write_latent_cache_ref(pool: LatentPool, kv_a: torch.Tensor, norm_weight: to
     rms = (1.0 / torch.sqrt((x64 * x64).sum(-1, keepdim=True) / c + _fp32(eps))).float()
     y = x * rms * norm_weight.float()
     slots = slots.long()
-    if pool.kind == "fp8":
+    if pool.kv_cache_dtype == "fp8":
         gs = group_size(c)
         g = y.view(-1, c // gs, gs)
         scale = (g.abs().amax(-1) / FP8_MAX).clamp_min(_MIN_SCALE)
@@ -200,7 +200,7 @@ def gather_latents(pool: LatentPool, block_table: torch.Tensor, seq_lens: torch.
     t = torch.arange(s, device=block_table.device)
     valid = t[None, :] < seq_lens[:, None]
     slots = torch.where(valid, block_table[:, t // bs].long() * bs + t % bs, 0)
-    if pool.kind == "fp8":
+    if pool.kv_cache_dtype == "fp8":
         g = pool.kv.view(torch.uint8).view(-1, c)[slots].view(torch.float8_e4m3fn).float()
         gs = group_size(c)
         scale = pool.scale.view(-1, c // gs)[slots]

@@ -158,7 +158,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, pool: LatentPool, block_
     r = q_pe.shape[2]
     assert q_pe.shape == (bsz, h, r) and pool.kv.shape[2] == c and pool.pe.shape[2] == r, "shape mismatch"
     assert _pow2(c) and _pow2(r), f"C={c} and R={r} must be powers of two >= 16"
-    assert pool.kind != "fp32", "the fp32 reference cache is read by mla_decode_ref"
+    assert pool.kv_cache_dtype != "fp32", "the fp32 reference cache is read by mla_decode_ref"
     assert _pow2(block_h) and _pow2(block_n), "block_h and block_n must be powers of two >= 16 (tl.dot)"
     assert q_lat.stride(2) == 1 and q_pe.stride(2) == 1, "q_lat / q_pe need a contiguous last dim"
     assert q_lat.dtype in (torch.float32, torch.bfloat16) and q_pe.dtype in (torch.float32, torch.bfloat16)
@@ -171,7 +171,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, pool: LatentPool, block_
         max_seq_len = block_table.shape[1] * pool.block_size
     if num_splits is None:
         num_splits = default_num_splits(bsz, h, max_seq_len, sm_count(q_lat) if q_lat.is_cuda else 1, block_h)
-    fp8 = pool.kind == "fp8"
+    fp8 = pool.kv_cache_dtype == "fp8"
     out_bf16 = out.dtype == torch.bfloat16
     o_view = out.view(torch.int16) if out_bf16 else out
     tiles = triton.cdiv(h, block_h)

@@ -18,7 +18,7 @@ import torch
 from dsq.checkpoint import DTYPES, ROLES
 from dsq.checkpoint import role as module_role
 from dsq.errors import DsqError
-from dsq.quant import BLOCK
+from dsq.formats import Format, FP8Block, FP8Channel, Int4Group
 
 CHOICES = {  # the roles a flag sets, and the formats each may take (first = default)
     "experts": ("int4", "fp8", "bf16"),
@@ -61,9 +61,18 @@ class Options:
         return asdict(self)
 
     def format(self, role: str) -> str:
-        """int4, fp8, or keep (unquantized: bf16, or the source dtype; see `plan_task`)."""
+        """int4, fp8, or keep (unquantized: bf16, or the source dtype; see `task_for`)."""
         fmt = getattr(self, role) if role in CHOICES else "keep"
         return "keep" if fmt == "bf16" else fmt
+
+    def storage(self, role: str) -> Format | None:
+        """The storage format of a role's weights; None where they are kept as they are (cast at most)."""
+        fmt = self.format(role)
+        if fmt == "int4":
+            return Int4Group(self.group_size, self.symmetric)
+        if fmt == "fp8":
+            return FP8Block() if self.fp8_block else FP8Channel()
+        return None
 
 
 def role_of(name: str) -> str:
@@ -90,7 +99,7 @@ class Task:
 
     name: str
     role: str
-    fmt: str  # int4 | fp8 | keep
+    fmt: Format | None  # None: kept (cast to `outs[0].dtype` at most)
     shape: tuple[int, ...]
     dtype: torch.dtype
     outs: tuple[Out, ...]
@@ -104,39 +113,28 @@ class Task:
         return sum(o.nbytes for o in self.outs)
 
 
-def plan_task(name: str, shape: list[int], dtype: str, opts: Options, where: str) -> Task:
+def task_for(name: str, shape: list[int], dtype: str, opts: Options, where: str) -> Task:
     """The conversion of one source tensor; refuses, naming tensor and flag, what the options cannot do."""
     if dtype not in DTYPES:
         raise DsqError(f"{where}: tensor {name} has dtype {dtype}, which dsq does not read")
     src = DTYPES[dtype]
     role = role_of(name)
-    fmt = opts.format(role)
+    storage = opts.storage(role)
     shape_t = tuple(shape)
-    module = name.removesuffix(".weight")
-    if fmt != "keep":
-        if src not in (torch.bfloat16, torch.float16, torch.float32):
-            raise DsqError(f"{where}: tensor {name} is already {dtype}; dsq quantizes BF16/FP16/FP32 checkpoints")
-        if len(shape) != 2:
-            raise DsqError(f"{where}: tensor {name} has shape {shape}; a {role} weight must be 2-D")
-    out_f, in_f = shape_t if len(shape_t) == 2 else (0, 0)
-    if fmt == "int4":
-        g = opts.group_size
-        if in_f % g:
-            raise DsqError(f"{where}: tensor {name} has {in_f} input features, not a multiple of --group-size {g}; "
-                           f"choose a group size that divides it, or {flag(role)} fp8")
-        outs = [Out(f"{module}.weight_packed", torch.int32, (out_f, in_f // 8)),
-                Out(f"{module}.weight_scale", torch.bfloat16, (out_f, in_f // g)),
-                Out(f"{module}.weight_shape", torch.int64, (2,))]
-        if not opts.symmetric:
-            outs.append(Out(f"{module}.weight_zero_point", torch.int32, (-(-out_f // 8), in_f // g)))
-    elif fmt == "fp8":
-        scale_shape = (-(-out_f // BLOCK), -(-in_f // BLOCK)) if opts.fp8_block else (out_f, 1)
-        outs = [Out(f"{module}.weight", torch.float8_e4m3fn, shape_t),
-                Out(f"{module}.weight_scale", torch.float32, scale_shape)]
-    else:
+    if storage is None:
         keep = src if (opts.keep_dtype or src != torch.float32) else torch.bfloat16
-        outs = [Out(name, keep, shape_t)]
-    return Task(name, role, fmt, shape_t, src, tuple(outs))
+        return Task(name, role, None, shape_t, src, (Out(name, keep, shape_t),))
+    if src not in (torch.bfloat16, torch.float16, torch.float32):
+        raise DsqError(f"{where}: tensor {name} is already {dtype}; dsq quantizes BF16/FP16/FP32 checkpoints")
+    if len(shape) != 2:
+        raise DsqError(f"{where}: tensor {name} has shape {shape}; a {role} weight must be 2-D")
+    module = name.removesuffix(".weight")
+    out_f, in_f = shape_t
+    if isinstance(storage, Int4Group) and in_f % storage.group:
+        raise DsqError(f"{where}: tensor {name} has {in_f} input features, not a multiple of --group-size "
+                       f"{storage.group}; choose a group size that divides it, or {flag(role)} fp8")
+    outs = [Out(f"{module}.{n}", t.dtype, t.shape) for n, t in storage.spec(out_f, in_f, src).items()]
+    return Task(name, role, storage, shape_t, src, tuple(outs))
 
 
 def _target(role: str) -> str:
@@ -153,18 +151,11 @@ def quantization_config(opts: Options) -> dict | None:
         return None
     groups = []
     if by_fmt["int4"]:
-        weights = {"num_bits": 4, "type": "int", "symmetric": opts.symmetric, "strategy": "group",
-                   "group_size": opts.group_size, "dynamic": False}
-        groups.append({"targets": by_fmt["int4"], "weights": weights, "input_activations": None,
+        weights, acts = Int4Group(opts.group_size, opts.symmetric).args()
+        groups.append({"targets": by_fmt["int4"], "weights": weights, "input_activations": acts,
                        "format": "pack-quantized"})
     if by_fmt["fp8"]:
-        fp8 = {"num_bits": 8, "type": "float", "symmetric": True}
-        if opts.fp8_block:
-            weights = dict(fp8, strategy="block", block_structure=[BLOCK, BLOCK], dynamic=False)
-            acts = dict(fp8, strategy="group", group_size=BLOCK, dynamic=True)
-        else:
-            weights = dict(fp8, strategy="channel", dynamic=False)
-            acts = dict(fp8, strategy="token", dynamic=True)
+        weights, acts = (FP8Block() if opts.fp8_block else FP8Channel()).args()
         groups.append({"targets": by_fmt["fp8"], "weights": weights, "input_activations": acts,
                        "format": "float-quantized"})
     return {

@@ -27,7 +27,7 @@ TMP = ".dsq-tmp"  # every file dsq writes has this suffix until it is whole
 
 
 @dataclass
-class Shard:
+class OutputFile:
     """One output file: the source tensors it holds and the byte layout of their outputs."""
 
     name: str
@@ -58,7 +58,7 @@ class Shard:
         return sum(t.nbytes for t in self.tasks)
 
 
-def plan_shards(tasks: list[Task], shard_size: int) -> list[Shard]:
+def layout_files(tasks: list[Task], shard_size: int) -> list[OutputFile]:
     """Greedy, in the given (deterministic) order: a source tensor's outputs never straddle two shards."""
     groups: list[list[Task]] = [[]]
     used = 0
@@ -69,18 +69,18 @@ def plan_shards(tasks: list[Task], shard_size: int) -> list[Shard]:
         groups[-1].append(t)
         used += t.out_nbytes
     n = len(groups)
-    shards = [Shard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+    shards = [OutputFile(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
     for s in shards:
         s.layout()
     return shards
 
 
-class ShardWriter:
+class OutputWriter:
     """Writes one shard to `<final>.dsq-tmp` (from several threads at once: each write has its own offset);
     `commit()` syncs it, renames it into place and returns its sha256. An error inside the `with` block,
     or a failed commit, deletes the temporary file."""
 
-    def __init__(self, folder: Path, shard: Shard):
+    def __init__(self, folder: Path, shard: OutputFile):
         self.shard = shard
         self.final = folder / shard.name
         self.tmp = folder / f"{shard.name}{TMP}"
@@ -88,7 +88,7 @@ class ShardWriter:
         self.lock = threading.Lock()
         self.fd = -1
 
-    def __enter__(self) -> ShardWriter:
+    def __enter__(self) -> OutputWriter:
         self.fd = self._io(lambda: os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
         try:
             self._io(lambda: os.pwrite(self.fd, self.shard.header, 0))

@@ -24,10 +24,12 @@ from dsq.checkpoint import Checkpoint
 from dsq.config import Config
 from dsq.demo import write_tokenizer
 from dsq.errors import DsqError
-from dsq.layers import Scheme
+from dsq.formats import Scheme
+from dsq.launch import TIMEOUT
 from dsq.loader import load_model, read_config
-from dsq.parallel import TIMEOUT, cache_tokens, plan, span
-from dsq.plan import weight_bytes
+from dsq.memory import cache_tokens, weight_bytes
+from dsq.parallel import shard_plan as plan
+from dsq.parallel import span
 
 IDS = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
 PROMPTS = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]

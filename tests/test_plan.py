@@ -9,9 +9,10 @@ from tiny import make_tiny
 import dsq
 from dsq.config import Config
 from dsq.errors import DsqError
-from dsq.layers import Scheme
+from dsq.formats import Scheme
 from dsq.loader import read_config
-from dsq.plan import plan, weight_bytes
+from dsq.memory import memory_plan as plan
+from dsq.memory import weight_bytes
 from dsq.quantize.scheme import Options, quantization_config
 
 

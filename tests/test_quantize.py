@@ -29,10 +29,9 @@ from dsq.checkpoint import Checkpoint, role
 from dsq.cli.main import app
 from dsq.config import Config
 from dsq.errors import DsqError
-from dsq.quant import fp8_dequantize_weight, int4_dequantize, int4_pack, int4_quantize
+from dsq.quant import fp8_dequantize_weight, int4_dequantize, int4_pack, int4_quantize, int4_search
 from dsq.quantize.run import INDEX, MANIFEST, quantize
 from dsq.quantize.scheme import ROLES, Options, quantization_config, role_of
-from dsq.quantize.search import int4_search
 from dsq.quantize.writer import sha256
 
 QUIET = dict(console=Console(file=io.StringIO()))

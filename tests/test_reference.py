@@ -44,7 +44,7 @@ def test_naive_and_absorbed_attention_agree(pair):
 @pytest.mark.parametrize("cache", ["fp32", "bf16"])
 def test_32_greedy_tokens_equal_transformers_generate(pair, cache):
     _, ref, model = pair
-    model.net.cache_kind = cache
+    model.net.kv_cache_dtype = cache
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, model.cfg.vocab_size, (n,), generator=gen).tolist() for n in (5, 11, 1)]
     want = []
@@ -53,7 +53,7 @@ def test_32_greedy_tokens_equal_transformers_generate(pair, cache):
         want.append(out[0, len(p):].tolist())
     assert model.generate(prompts, max_new_tokens=32) == want  # one ragged batch, through the cache
     assert model.generate(prompts[0], max_new_tokens=32) == want[0]
-    model.net.cache_kind = "fp32"
+    model.net.kv_cache_dtype = "fp32"
 
 
 def test_norm_topk_prob_against_hand_written_moe(tmp_path):
@@ -81,7 +81,7 @@ def test_norm_topk_prob_against_hand_written_moe(tmp_path):
         for wi, e in zip(w, idx.tolist(), strict=True):
             want[n] += wi * swiglu(f"{pre}experts.{e}", x[n])
     want += swiglu(pre + "shared_experts", x)
-    got = model.net.layers[1].ffn(x[None])[0]
+    got = model.net.model.layers[1].mlp(x[None])[0]
     assert rel_err(got, want) <= 1e-5
     assert cfg.routed_scaling_factor != 1.0
 

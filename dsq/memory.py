@@ -3,16 +3,18 @@ free, so a model that does not fit gets a sentence saying what to change instead
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from dsq import parallel
 from dsq.cache import bytes_per_token
 from dsq.checkpoint import role
 from dsq.config import Config
 from dsq.errors import DsqError
-from dsq.layers import Scheme
+from dsq.formats import Scheme
+from dsq.loader import tensor_names, unstacked
+from dsq.model import Transformer
+from dsq.parallel import Dist, shard_plan
 
 GB = 1e9
 
@@ -22,19 +24,12 @@ def weight_bytes(cfg: Config, scheme: Scheme | None = None, dtype: torch.dtype =
     """Bytes of weights by role (attention, dense, shared, experts, router, norm, embed, head) that `rank` of a
     `world`-rank job holds in `scheme`'s formats (None: unquantized, in `dtype`): the model the loader would
     fill, built on the meta device, so no arithmetic of its own can drift from what load_quantized allocates."""
-    from dsq.loader import hf_module, swap_formats
-    from dsq.model import Transformer
-
-    scheme = scheme or Scheme(None)
     with torch.device("meta"):
-        model = Transformer(cfg, dtype, parallel.Dist(parallel.plan(cfg, world, scheme), rank))
-    swap_formats(model, scheme, dtype)
+        model = Transformer(cfg, dtype, Dist(shard_plan(cfg, world, scheme), rank), scheme)
     out: dict[str, int] = {}
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if name != "inv_freq":
-            module, _, attr = name.rpartition(".")
-            r = role(f"{hf_module(module, 0 if '.experts.' in name else None)}.{attr}")
-            out[r] = out.get(r, 0) + t.numel() * t.element_size()
+    for name, expert, t in tensor_names(model):
+        r = role(unstacked(name, expert))
+        out[r] = out.get(r, 0) + t.numel() * t.element_size()
     return out
 
 
@@ -50,7 +45,7 @@ def activation_bytes(cfg: Config, tokens: int, dtype_bytes: int = 2) -> int:
 
 
 @dataclass(frozen=True)
-class Plan:
+class MemoryPlan:
     weights: int
     activations: int
     cache_per_token: int
@@ -64,25 +59,41 @@ class Plan:
                 f"of {self.budget / GB:.2f} GB")
 
 
-def plan(cfg: Config, weights: int, total: int, free: int, utilization: float = 0.9, kind: str = "fp8",
-         need_tokens: int = 4096, prefill_tokens: int = 4096, dtype_bytes: int = 2, int4_experts: bool = True) -> Plan:
+def memory_plan(cfg: Config, weights: int, total: int, free: int, utilization: float = 0.9,
+                kv_cache_dtype: str = "fp8", need_tokens: int = 4096, prefill_tokens: int = 4096,
+                dtype_bytes: int = 2, int4_experts: bool = True) -> MemoryPlan:
     """Size the cache from what is left of `utilization` x the device's memory (minus what others hold) once
     weights and activations are placed; refuse, saying what to change, if `need_tokens` do not fit."""
     if not 0 < utilization <= 1:
         raise DsqError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
     budget = int(total * utilization) - (total - free)
     act = activation_bytes(cfg, prefill_tokens, dtype_bytes)
-    per_token = bytes_per_token(cfg, kind)
+    per_token = bytes_per_token(cfg, kv_cache_dtype)
     tokens = max((budget - weights - act) // per_token, 0)
     if tokens < need_tokens:
         need = weights + act + need_tokens * per_token
         hints = [f"a shorter context (about {max(tokens, 0):,} tokens fit)" if tokens > 0 else None,
                  None if int4_experts else "INT4 routed experts (dsq quantize, the default scheme)",
-                 "kv_cache_dtype='fp8'" if kind != "fp8" else None,
+                 "kv_cache_dtype='fp8'" if kv_cache_dtype != "fp8" else None,
                  "--tp N to spread the model over N GPUs", "a higher gpu_memory_utilization"]
         raise DsqError(f"the model does not fit: it needs {need / GB:.1f} GB (weights {weights / GB:.1f} GB, "
                        f"activations {act / GB:.1f} GB, cache for {need_tokens:,} tokens "
                        f"{need_tokens * per_token / GB:.1f} GB) but {budget / GB:.1f} GB are free for dsq "
                        f"({utilization:.0%} of {total / GB:.1f} GB, {(total - free) / GB:.1f} GB in use); "
                        f"try {', '.join(h for h in hints if h)}")
-    return Plan(weights, act, per_token, budget, tokens)
+    return MemoryPlan(weights, act, per_token, budget, tokens)
+
+
+def cache_tokens(cfg: Config, world: int, gpu_bytes: int, scheme: Scheme | None = None,
+                 kv_cache_dtype: str = "fp8", prefill: int = 4096, overhead: int = 1 << 30) -> dict[str, int]:
+    """The memory plan of one GPU of `gpu_bytes` in a `world`-GPU job: rank 0's weights (it holds the most),
+    the activations of a `prefill`-token forward over its heads (`activation_bytes`), `overhead` for the CUDA
+    context and NCCL buffers, and how many tokens of latent cache the rest holds. The cache is replicated,
+    so that is the job's capacity too, shared by all sequences."""
+    weights = sum(weight_bytes(cfg, scheme, world=world).values())
+    heads = shard_plan(cfg, world, scheme)[0].heads
+    act = activation_bytes(replace(cfg, num_attention_heads=heads[1] - heads[0]), prefill)
+    free = gpu_bytes - weights - act - overhead
+    per_token = bytes_per_token(cfg, kv_cache_dtype)
+    return {"weights": weights, "activations": act, "overhead": overhead, "free": free, "per_token": per_token,
+            "tokens": max(free, 0) // per_token}

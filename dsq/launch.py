@@ -1,0 +1,217 @@
+"""Starting a tensor-parallel job and living in it: joining the process group, the `--tp` launcher with its
+watchdog, and the terminal relay of `dsq chat` on N ranks (rank 0 reads, every rank follows).
+
+This process becomes rank 0 and keeps the terminal; ranks 1.. are spawned (multiprocessing's spawn), with
+stdout silenced, stderr kept aside and Ctrl-C ignored; a rank that dies ends the job with a line that
+names it. docs/parallel.md has the design.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as td
+
+from dsq.errors import DsqError
+from dsq.parallel import Dist, Interrupt
+
+TIMEOUT = "DSQ_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks (default 600)
+
+
+# --- joining a job -------------------------------------------------------------------------------------
+def init(world: int, device: torch.device) -> tuple[int, torch.device]:
+    """Join this process's rank of a `world`-rank job (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, as
+    torchrun and `launch` set them), starting the default process group unless the caller already has:
+    NCCL on CUDA, gloo on CPU. Ranks may take long to start (the rendezvous waits up to an hour; a launcher
+    sees a rank that dies first), but once running a collective waits at most $DSQ_DIST_TIMEOUT s (600).
+    Returns (rank, this rank's device: cuda means cuda:LOCAL_RANK)."""
+    if td.is_initialized():
+        if td.get_world_size() != world:
+            raise DsqError(f"tp={world}, but the process group has {td.get_world_size()} ranks")
+    elif os.environ.get("WORLD_SIZE") is None:
+        raise DsqError(f"tp={world} needs {world} processes: start them with torchrun --nproc-per-node {world}, "
+                       f"or use `dsq generate/chat --tp {world}`")
+    elif int(os.environ["WORLD_SIZE"]) != world:
+        raise DsqError(f"tp={world}, but this job has WORLD_SIZE={os.environ['WORLD_SIZE']} processes")
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if device.index >= torch.cuda.device_count():
+            raise DsqError(f"tp={world} on cuda needs a GPU per rank; {torch.cuda.device_count()} visible")
+        torch.cuda.set_device(device)
+    if not td.is_initialized():
+        store, rank, size = next(td.rendezvous("env://", timeout=timedelta(hours=1)))
+        td.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=size,
+                              timeout=timedelta(seconds=timeout()), device_id=device if device.type == "cuda" else None)
+    return td.get_rank(), device
+
+
+def timeout() -> float:
+    return float(os.environ.get(TIMEOUT, 600))
+
+
+def launch(world: int, fn: Callable[..., Any], kwargs: dict[str, Any]) -> bool:
+    """Run the command fn(**kwargs) on `world` ranks of this machine. True: it ran (the caller is done).
+    False: this process already is one rank of a job (spawned here, or by torchrun), so the caller runs it.
+
+    This process becomes rank 0 and keeps the terminal; ranks 1.. are spawned with stdout silenced, stderr
+    kept aside and Ctrl-C ignored. When a rank exits with an error the others are killed and that rank is
+    named with the last line it wrote (so an error every rank hits is not printed once per rank)."""
+    if "RANK" in os.environ:
+        if int(os.environ["RANK"]):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+        return False
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world)}
+    ctx = multiprocessing.get_context("spawn")
+    logs = Path(tempfile.mkdtemp(prefix="dsq-ranks-"))
+    procs = {r: ctx.Process(target=_rank_main, args=(r, env, fn, kwargs, os.getpid(), logs / f"{r}.err"),
+                            daemon=True) for r in range(1, world)}
+    for p in procs.values():
+        p.start()
+    watch = _Watch(procs, logs)
+    old = {k: os.environ.get(k) for k in (*env, "RANK", "LOCAL_RANK")}
+    os.environ.update(env, RANK="0", LOCAL_RANK="0")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_threads(world))
+    try:
+        fn(**kwargs)
+        for p in procs.values():
+            p.join(timeout())
+    finally:
+        watch.stop()
+        torch.set_num_threads(threads)
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        if td.is_initialized():
+            td.destroy_process_group()
+    return True
+
+
+def _threads(world: int) -> int:
+    """CPU threads per rank: the cores shared out, as torchrun's OMP_NUM_THREADS does, so CPU ranks don't
+    fight over them."""
+    return max(1, (os.cpu_count() or 1) // world)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, env: dict[str, str], fn: Callable[..., Any], kwargs: dict[str, Any], parent: int,
+               log: Path) -> None:
+    """A spawned rank: rank 0 (the parent) reads input and prints; this one follows, and dies with it."""
+    os.dup2(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)  # C++ messages too
+    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(_threads(int(env["WORLD_SIZE"])))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    fn(**kwargs)
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+class _Watch:
+    """Rank 0's watchdog: when a spawned rank exits non-zero, say which, kill the rest, and end the job
+    (rank 0 may be blocked inside a collective, where only process exit reaches it)."""
+
+    def __init__(self, procs: dict[int, multiprocessing.process.BaseProcess], logs: Path):
+        self.procs, self.logs, self.done = procs, logs, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(0.1):
+            dead = self._dead()
+            if dead is not None:
+                self._kill()
+                shutil.rmtree(self.logs, ignore_errors=True)
+                os._exit(1)
+
+    def _dead(self) -> int | None:
+        for r, p in self.procs.items():
+            if p.exitcode:
+                why = f"signal {-p.exitcode}" if p.exitcode < 0 else f"exit code {p.exitcode}"
+                lines = (self.logs / f"{r}.err").read_text(errors="replace").strip().splitlines()
+                last = f"\nrank {r}: {lines[-1]}" if lines else ""
+                print(f"dsq: rank {r} died ({why}); stopped the other ranks{last}", file=sys.stderr, flush=True)
+                return r
+        return None
+
+    def _kill(self) -> None:
+        sys.stdout.flush()
+        for p in self.procs.values():
+            if p.exitcode is None:
+                p.kill()
+        for p in self.procs.values():
+            p.join(5)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+        self._dead()
+        self._kill()
+        shutil.rmtree(self.logs, ignore_errors=True)
+
+
+# --- rank 0 reads and prints ---------------------------------------------------------------------------
+class _Terminal:
+    """A console stand-in for `dsq chat` on N ranks: rank 0 reads lines and shares them (over a gloo group
+    that never times out: a user may think for hours); the others take them and print nothing."""
+
+    def __init__(self, console: Any, rank: int):
+        self.console, self.rank = console, rank
+        self.group = td.new_group(backend="gloo", timeout=timedelta(days=365))
+
+    def input(self, prompt: str = "") -> str:
+        if self.rank == 0:
+            Interrupt.reading = True
+            try:
+                line = self.console.input(prompt)
+            except EOFError:
+                line = None
+            finally:
+                Interrupt.reading = False
+        box = [line if self.rank == 0 else None]
+        td.broadcast_object_list(box, src=0, group=self.group)
+        if box[0] is None:
+            raise EOFError
+        return box[0]
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        if self.rank == 0:
+            self.console.print(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def terminal(console: Any, dist: Dist) -> Iterator[Any]:
+    """The console an interactive loop should use: `console` itself on one rank; on N ranks, one whose input
+    rank 0 reads and shares, and under which Ctrl-C on rank 0 stops a reply on every rank at one step."""
+    if dist.world == 1:
+        yield console
+        return
+    old = signal.signal(signal.SIGINT, Interrupt.handler) if dist.rank == 0 else None
+    try:
+        yield _Terminal(console, dist.rank)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)

@@ -1,0 +1,100 @@
+"""The shape of the code: no import cycle among dsq's modules (function-level imports count), the runtime
+never imports the offline quantizer or the CLI, no product file over 300 lines, no test hooks in product code."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"dsq": ROOT / "dsq", "dsq.kernels": ROOT / "kernels", "dsq.quantize": ROOT / "quantize",
+            "dsq.cli": ROOT / "cli"}  # setuptools package-dir
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for package, folder in PACKAGES.items():
+        for path in sorted(folder.glob("*.py")):
+            out[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    return out
+
+
+def imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The dsq modules `name` imports anywhere in its file (module level, functions, methods)."""
+    package = name if path.stem == "__init__" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names}
+    return {m for m in found if m in known and m != name}
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {name: imports(name, path, set(mods)) for name, path in mods.items()}
+
+
+def cycles(g: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle through each strongly connected component that has one (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in g[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(g):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    assert cycles(graph()) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_runtime_does_not_import_the_quantizer_or_the_cli():
+    g = graph()
+    # everything but the quantizer, the CLI and the demo (whose job is to run the quantizer end to end)
+    runtime = [m for m in g if not m.startswith(("dsq.quantize", "dsq.cli", "dsq.demo"))]
+    reach = set(runtime)
+    todo = list(runtime)
+    while todo:  # everything the runtime imports, directly or not
+        for w in g[todo.pop()] - reach:
+            reach.add(w)
+            todo.append(w)
+    assert not {m for m in reach if m.startswith(("dsq.quantize", "dsq.cli"))}
+
+
+def test_product_files_are_short_and_free_of_test_hooks():
+    for path in modules().values():
+        text = path.read_text()
+        assert len(text.splitlines()) <= 300, f"{path.relative_to(ROOT)}: {len(text.splitlines())} lines"
+        assert "DSQ_TEST_" not in text, f"{path.relative_to(ROOT)} holds a test hook"
