@@ -67,8 +67,9 @@ def _read_slice(model: Transformer, ckpt: Checkpoint, hf: str, split: tuple[int,
     exact, as the plan cuts on whole packing units. A [out, 1] channel scale keeps its one column."""
     dim, rng, width = split
     m = model.get_submodule(module)
-    if m.fmt.spec(m.out_features, m.in_features, dst.dtype)[hf.rpartition(".")[2]].unit is None:
-        return torch.tensor([m.out_features, m.in_features])  # not a slice: this rank's [out, in]
+    stored = m.fmt.spec(m.out_features, m.in_features, dst.dtype) if isinstance(m, Linear) else {}
+    if hf.rpartition(".")[2] in stored and stored[hf.rpartition(".")[2]].unit is None:
+        return torch.tensor([m.out_features, m.in_features])  # not a slice of the weight: this rank's [out, in]
     shape = ckpt.shape(hf)
     a = getattr(model.dist.shard, rng)[0] * width
     start = a * shape[dim] // (extents(model.cfg)[rng] * width)
