@@ -101,7 +101,7 @@ def steps(
         part = model(tokens[:, c0:c0 + n], pos[:, c0:c0 + n], cache, last=(lens - 1 - c0).clamp(0, n - 1))
         here = (lens - 1 >= c0) & (lens - 1 < c0 + n)  # the chunk holding each prompt's last token
         logits = part if logits is None else torch.where(here[:, None], part, logits)
-    decode = GraphDecoder(model, cache, cache.block_table.shape[0]) if graphs else None
+    decode = GraphDecoder(model, cache, cache.block_table.shape[0], first + lens) if graphs else None
     for step in range(max_new_tokens):
         nxt = model.dist.agree(sample(logits, sampling, generator))
         yield nxt.tolist()
