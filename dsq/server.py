@@ -111,13 +111,17 @@ class Generation:
             piece, stopped = self.stops.push(self.text.tokenizer.decode(self.text.ids)[len(self.text.text):])
             if piece + self.stops.held:
                 yield piece + self.stops.held
-            self.finish_reason = "length" if self.req.finish_reason == "length" and not stopped else "stop"
+            self.finish_reason = "stop" if stopped or self.req.finish_reason == "cancelled" else self.req.finish_reason
         finally:
             self.engine.cancel(self.req)  # a no-op once it finished; else it stopped on a string or was abandoned
 
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def _engine_failed() -> ApiError:
+    return ApiError(500, "the engine failed on this request; the server log has the traceback", type="server_error")
 
 
 def _sse(data: Any) -> str:
@@ -212,6 +216,9 @@ def create_app(engine: Engine, tokenizer: Tokenizer, served_model_name: str, api
                     yield _sse(dict(chunk, choices=[dict(choice("", None, True), delta={"role": "assistant"})]))
                 async for piece in gen.pieces():
                     yield _sse(dict(chunk, choices=[choice(piece, None, True)]))
+                if gen.finish_reason == "error":
+                    yield _sse({"error": _engine_failed().body})
+                    return
                 yield _sse(dict(chunk, choices=[choice("", gen.finish_reason, True)]))
                 if (body.stream_options or {}).get("include_usage"):
                     yield _sse(dict(chunk, choices=[], usage=gen.usage()))
@@ -223,6 +230,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, served_model_name: str, api
             text = "".join([piece async for piece in gen.pieces()])
         finally:
             watcher.cancel()
+        if gen.finish_reason == "error":
+            raise _engine_failed()
         return dict(head, object="chat.completion" if chat else "text_completion",
                     choices=[choice(text, gen.finish_reason, False)], usage=gen.usage())
 

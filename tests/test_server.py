@@ -232,3 +232,15 @@ def test_a_signal_stops_the_server_cleanly(folder, sig):
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
+
+
+def test_a_failing_engine_answers_500_and_health_503(folder):
+    def broken(batch):
+        raise RuntimeError("out of memory, say")
+
+    with server(folder) as (engine, url):
+        engine.runner.forward = broken
+        with pytest.raises(openai.InternalServerError) as e:
+            chat(openai.OpenAI(base_url=url, api_key="none", max_retries=0))
+        assert e.value.status_code == 500 and engine.pool.used == 0
+        assert httpx.get(url.removesuffix("/v1") + "/health").status_code == 503

@@ -7,6 +7,7 @@ request's next token in one call and finishes the requests that stopped."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import Protocol
@@ -17,6 +18,8 @@ from dsq.engine.pages import PagePool
 from dsq.engine.request import Request, SamplingParams
 from dsq.engine.scheduler import Scheduler, StepBatch
 from dsq.errors import DsqError
+
+log = logging.getLogger(__name__)
 
 
 class Runner(Protocol):
@@ -88,9 +91,10 @@ class Engine:
     def step(self) -> None:
         with self._wake:
             inbox, self._inbox = self._inbox, []
+            cancelled = [r for r in self.requests.values() if r.cancel_requested]
         for req in inbox:
             self.scheduler.add(req)
-        for req in [r for r in self.requests.values() if r.cancel_requested]:
+        for req in cancelled:
             self._finish(req, "cancelled")
         planned = self.scheduler.schedule()
         if planned is None:
@@ -130,7 +134,9 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        for req in list(self.requests.values()):
+        with self._wake:
+            unfinished = list(self.requests.values())
+        for req in unfinished:
             req.cancel()
         self.step()
 
@@ -141,7 +147,15 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception:
+                log.exception("an engine step failed; every request ends with finish_reason 'error'")
+                with self._wake:
+                    failed, self._inbox = list(self.requests.values()), []
+                for req in failed:
+                    self._finish(req, "error")
+                return
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
         p = [r.params for r in reqs]

@@ -48,7 +48,8 @@ _ids = itertools.count()
 
 class Request:
     """`stream`, when given, is called from the engine's thread with each new token id, then once with None when
-    the request finishes (`finish_reason` is then "stop", "length" or "cancelled")."""
+    the request finishes (`finish_reason` is then "stop", "length", "cancelled", or "error" when a step of the
+    engine failed)."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, stream: Callable[[int | None], None] | None = None):
         if not prompt:
