@@ -117,6 +117,7 @@ def test_eight_concurrent_greedy_requests_equal_one_at_a_time(served):
 def test_stop_strings_are_cut_also_across_streamed_pieces(served):
     client = served[1]
     full = chat(client, max_tokens=40).choices[0].message.content
+    assert len(full) >= 10, "the fake model's answer is long enough to cut in its middle"
     stop = full[len(full) // 2:len(full) // 2 + 3]
     expected = full[:full.index(stop)]
     cut = chat(client, max_tokens=40, stop=[stop, "never appears"])
@@ -138,14 +139,19 @@ def test_a_seed_reproduces_a_sampled_answer(served):
     assert a == b
 
 
-@pytest.mark.parametrize("body", [
-    {"max_tokens": -1}, {"max_tokens": CONTEXT}, {"temperature": "hot"}, {"n": 2}, {"top_p": 0},
-    {"messages": [{"role": "user", "content": "x" * (CONTEXT * 2)}]}, {"messages": "hello"},
+LONG = " ".join(f"word{i}" for i in range(CONTEXT))  # more tokens than the context holds
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"max_tokens": -1}, "max_tokens"), ({"max_tokens": CONTEXT}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": LONG}]}, "max_tokens"), ({"temperature": "hot"}, "temperature"),
+    ({"n": 2}, "n"), ({"top_p": 0}, None), ({"messages": "hello"}, "messages"),
 ])
-def test_bad_requests_get_400_with_the_openai_error_body(served, body):
+def test_bad_requests_get_400_with_the_openai_error_body(served, body, param):
     with pytest.raises(openai.BadRequestError) as e:
         chat(served[1], **body)
     assert e.value.status_code == 400 and set(e.value.body) == {"message", "type", "param", "code"}
+    assert e.value.body["param"] == param, e.value.body["message"]
 
 
 def test_an_unknown_model_is_404(served):
