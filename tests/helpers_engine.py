@@ -29,7 +29,8 @@ class FakeRunner:
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
         self.running.wait()
-        assert len(batch.tokens) == len(batch.positions) == len(batch.slots)
+        assert len(batch.tokens) == len(batch.positions) == len(batch.slots) == sum(s.length for s in batch.seqs)
+        assert all(s.length >= 1 for s in batch.seqs), "every sequence in a step computes a token"
         self.cache[torch.tensor(batch.slots, dtype=torch.long)] = torch.tensor(batch.tokens, dtype=torch.long)
         self.batches.append(batch)
         rows, b = [], self.page_size

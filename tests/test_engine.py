@@ -56,6 +56,31 @@ def test_a_shared_1k_prefix_is_prefilled_once():
     assert first.output == alone(prefix + a, GREEDY, num_pages=256, page_size=16)
 
 
+def test_a_prompt_seen_before_still_computes_its_last_block():
+    p = prompts(1, lo=64, hi=64, seed=9)[0]  # four full blocks of 16
+    runner = FakeRunner(num_pages=64, page_size=16)
+    engine = Engine(runner)
+    first = engine.generate([p], GREEDY)[0].output
+    given = len(runner.batches)
+    assert engine.generate([p], GREEDY)[0].output == first
+    assert len(runner.batches[given].tokens) == 16  # three blocks found; the last holds the token to compute
+
+
+def test_the_next_chat_turn_continues_the_cache_of_the_last():
+    # Turn two's prompt is turn one's prompt, its answer and a new message: every full block of what turn one
+    # computed (all but its last sampled token) is found, so only the rest is prefilled.
+    first_prompt, question = prompts(2, lo=50, hi=50, seed=8)
+    runner = FakeRunner(num_pages=64, page_size=8)
+    engine = Engine(runner)
+    answer = engine.generate([first_prompt], GREEDY)[0].output
+    given = len(runner.batches)
+    second = first_prompt + answer + question
+    out = engine.generate([second], GREEDY)[0].output
+    computed = len(first_prompt) + len(answer) - 1
+    assert len(runner.batches[given].tokens) == len(second) - computed // 8 * 8
+    assert out == alone(second, GREEDY, num_pages=64, page_size=8)
+
+
 def test_cancel_returns_the_pages():
     runner = FakeRunner(num_pages=32, page_size=4)
     engine = Engine(runner, max_seqs=2)

@@ -65,9 +65,9 @@ class Engine:
     def add_request(self, prompt: list[int], params: SamplingParams,
                     stream: Callable[[int | None], None] | None = None) -> Request:
         req = Request(prompt, params, stream)
-        pages = self.pool.pages_for(len(req.prompt) + params.max_tokens)
+        pages = self.pool.pages_for(req.num_prompt + params.max_tokens)
         if pages > self.pool.num_pages:
-            raise DsqError(f"prompt ({len(req.prompt)} tokens) + max_tokens ({params.max_tokens}) needs {pages} "
+            raise DsqError(f"prompt ({req.num_prompt} tokens) + max_tokens ({params.max_tokens}) needs {pages} "
                            f"pages of {self.pool.page_size} tokens; the pool has {self.pool.num_pages}")
         with self._wake:
             self.requests[req.id] = req
@@ -107,10 +107,10 @@ class Engine:
             if token in req.params.stop_token_ids:
                 self._finish(req, "stop")
                 continue
-            req.output.append(token)
+            req.tokens.append(token)
             if req.stream is not None:
                 req.stream(token)
-            if len(req.output) >= req.params.max_tokens:
+            if len(req.tokens) - req.num_prompt >= req.params.max_tokens:
                 self._finish(req, "length")
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Request]:

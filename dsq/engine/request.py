@@ -55,8 +55,8 @@ class Request:
         if not prompt:
             raise DsqError("a prompt needs at least one token")
         self.id = next(_ids)
-        self.prompt, self.params, self.stream = list(prompt), params, stream
-        self.output: list[int] = []
+        self.tokens = list(prompt)  # then each new token: what a preempted request recomputes
+        self.num_prompt, self.params, self.stream = len(prompt), params, stream
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.done = threading.Event()
@@ -69,9 +69,12 @@ class Request:
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
 
     @property
-    def tokens(self) -> list[int]:
-        """Prompt then output: what a preempted request recomputes."""
-        return self.prompt + self.output
+    def prompt(self) -> list[int]:
+        return self.tokens[:self.num_prompt]
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[self.num_prompt:]
 
     def cancel(self) -> None:
         """Ask the engine to stop this request; safe from any thread, takes effect before the engine's next step."""
@@ -84,4 +87,4 @@ class Request:
         self.done.set()
 
     def __repr__(self) -> str:
-        return f"Request({self.id}, {self.status.value}, prompt {len(self.prompt)}, output {len(self.output)})"
+        return f"Request({self.id}, {self.status.value}, prompt {self.num_prompt}, output {len(self.output)})"

@@ -73,7 +73,7 @@ class Scheduler:
                 break
             if req.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(len(req.prompt) + len(req.output) - req.computed, budget)
+            n = min(len(req.tokens) - req.computed, budget)
             while not self._grow(req, req.computed + n):
                 preempted = True
                 self._preempt(self.running[-1])
