@@ -11,7 +11,7 @@ import threading
 
 import torch
 
-from dsq.engine import StepBatch
+from dsq.engine import Engine, SamplingParams, StepBatch
 
 
 class FakeRunner:
@@ -41,8 +41,17 @@ class FakeRunner:
         return torch.stack(rows) if rows else torch.empty(0, self.vocab)
 
 
-def alone(prompt: list[int], params, **runner) -> list[int]:
-    """The output of a prompt run by itself on a fresh engine."""
-    from dsq.engine import Engine
-
-    return Engine(FakeRunner(**runner)).generate([prompt], params)[0].output
+def alone(prompt: list[int], params: SamplingParams, **runner) -> list[int]:
+    """The output of a prompt run by itself on a fresh engine; when greedy, checked against the fake model
+    run without any engine (each next token the argmax of the logits of the whole sequence so far)."""
+    out = Engine(FakeRunner(**runner)).generate([prompt], params)[0].output
+    if params.temperature == 0:
+        model, context, expected = FakeRunner(**runner), list(prompt), []
+        while len(expected) < params.max_tokens:
+            token = int(model.logits_for(context).argmax())
+            if token in params.stop_token_ids:
+                break
+            expected.append(token)
+            context.append(token)
+        assert out == expected, "one request alone differs from the model run without the engine"
+    return out

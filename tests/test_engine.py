@@ -42,6 +42,19 @@ def test_preemption_is_invisible_in_the_output():
         assert engine.pool.used == 0
 
 
+def test_requests_finish_in_arrival_order_under_preemption():
+    # Equal requests through a pool that holds about one and a half: the oldest always progresses, and a
+    # preempted request waits ahead of the ones that came after it.
+    runner = FakeRunner(num_pages=16, page_size=4)
+    engine = Engine(runner)
+    order: list[int] = []
+    reqs = [engine.add_request(p, SamplingParams(max_tokens=20), lambda t, i=i: t is None and order.append(i))
+            for i, p in enumerate(prompts(6, lo=20, hi=20, seed=10))]
+    while engine.has_work():
+        engine.step()
+    assert engine.scheduler.preemptions > 0 and order == list(range(len(reqs)))
+
+
 def test_a_shared_1k_prefix_is_prefilled_once():
     prefix, (a, b) = prompts(1, lo=1024, hi=1024, seed=1)[0], prompts(2, lo=30, hi=30, seed=2)
     runner = FakeRunner(num_pages=256, page_size=16)
