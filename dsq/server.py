@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from dsq.engine import Engine, SamplingParams
 from dsq.errors import DsqError
@@ -48,6 +48,12 @@ class Sampled(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, bool] | None = None
+
+    @field_validator("temperature", "top_p", "top_k", "n", "stream", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """Clients (LangChain among them) send null for a field they leave unset."""
+        return cls.model_fields[info.field_name].default if value is None else value
 
 
 class CompletionBody(Sampled):

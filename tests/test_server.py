@@ -133,6 +133,13 @@ def test_stop_strings_spanning_pieces():
     assert StopStrings(["xy"]).push("axbxy") == ("axb", True)
 
 
+def test_null_fields_mean_their_defaults(served):
+    client = served[1]
+    body = {"model": NAME, "messages": HELLO, "max_tokens": 24, "temperature": 0, "n": None, "top_p": None}
+    answer = httpx.post(f"{client.base_url}chat/completions", json=body).json()
+    assert answer["choices"][0]["message"]["content"] == chat(client).choices[0].message.content
+
+
 def test_a_seed_reproduces_a_sampled_answer(served):
     client = served[1]
     a, b = (chat(client, temperature=1.0, seed=5).choices[0].message.content for _ in range(2))
