@@ -1,10 +1,10 @@
 """The quantization options: which format each tensor gets, and the compressed-tensors config that says so.
 
 One table (dsq.checkpoint.ROLES) maps a Hugging Face module name to its role; it decides the format of every tensor and
-also writes the `targets` / `ignore` regexes of `quantization_config`, so the two cannot disagree. The role
-regexes are disjoint, so the outcome is the same under every matcher that reads the config: dsq's loader
-(first group wins, re.fullmatch), compressed-tensors (exact names, then regexes sorted by text, re.match)
-and vLLM; each regex ends in `$` so that re.match and re.fullmatch agree.
+also writes the `targets` / `ignore` entries of `quantization_config`, so the two cannot disagree. The config is
+written so that every reader resolves it the same way (docs/quantization.md, "Who reads the folder"): the INT4 group
+names the routed experts by regex, the FP8 group targets the class `Linear` (whatever linear module no regex claims),
+and `ignore` lists every linear module that stays unquantized.
 """
 
 from __future__ import annotations
@@ -145,7 +145,14 @@ def _target(role: str) -> str:
 
 
 def quantization_config(opts: Options) -> dict | None:
-    """The compressed-tensors `quantization_config` for these options (None when nothing is quantized)."""
+    """The compressed-tensors `quantization_config` for these options (None when nothing is quantized).
+
+    Targets, so that each reader's own matching gives the same answer: the INT4 group (first) names the routed
+    experts by regex and the FP8 group takes the class `Linear`; every reader tries a name regex before a class, so
+    an expert is INT4 and any other linear module FP8. transformers' dequantize mode takes the first group with no
+    regex naming "experts" for everything that is not an expert, so no FP8 target may name one. `ignore` lists what
+    stays unquantized: the router, every role the options keep, and the embeddings and norms, which are no Linear
+    but which compressed-tensors' model-free converter would otherwise take as `Linear` (it matches by name only)."""
     by_fmt: dict[str, list[str]] = {"int4": [], "fp8": [], "keep": []}
     for role in CHOICES:
         by_fmt[opts.format(role)].append(_target(role))
@@ -165,13 +172,26 @@ def quantization_config(opts: Options) -> dict | None:
         else:
             weights = dict(fp8, strategy="channel", dynamic=False)
             acts = dict(fp8, strategy="token", dynamic=True)
-        groups.append({"targets": by_fmt["fp8"], "weights": weights, "input_activations": acts,
+        groups.append({"targets": ["Linear"], "weights": weights, "input_activations": acts,
                        "format": "float-quantized"})
     return {
         "quant_method": "compressed-tensors",
         "format": "mixed-precision",
         "quantization_status": "compressed",
         "config_groups": {f"group_{i}": g for i, g in enumerate(groups)},
-        "ignore": [_target("router"), *by_fmt["keep"]],
+        "ignore": [_target("router"), *by_fmt["keep"], _target("embed"), _target("norm")],
         "kv_cache_scheme": None,
     }
+
+
+def reader_warnings(opts: Options) -> list[str]:
+    """What makes a folder with these options one that vLLM will not load (read in vLLM's compressed-tensors
+    loader; dsq and transformers load every option)."""
+    warnings = []
+    if opts.experts == "int4" and not opts.symmetric:
+        warnings.append("--asymmetric: vLLM will not load this folder; its compressed-tensors MoE methods "
+                        "accept only symmetric INT4 experts")
+    if opts.head == "fp8":
+        warnings.append("--lm-head fp8: vLLM will not load this folder; it builds the LM head unquantized "
+                        "and has no place for its FP8 scale")
+    return warnings
