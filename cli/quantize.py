@@ -46,8 +46,8 @@ def quantize(
                                                         "a dsq output of the same source and options.")] = False,
 ) -> None:
     """Quantize a DeepSeek-V2 checkpoint: FP8 W8A8 attention / dense / shared experts, INT4 routed experts,
-    written as a Hugging Face folder in the compressed-tensors format (dsq and transformers load it; vLLM too,
-    unless --asymmetric or --lm-head fp8)."""
+    written as a Hugging Face folder in the compressed-tensors format. dsq loads every option, transformers and
+    vLLM the defaults; it warns, after the report, about options that keep one of them out."""
     from dsq.quantize.run import quantize as run
     from dsq.quantize.scheme import Options, reader_warnings
 

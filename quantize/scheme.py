@@ -147,12 +147,11 @@ def _target(role: str) -> str:
 def quantization_config(opts: Options) -> dict | None:
     """The compressed-tensors `quantization_config` for these options (None when nothing is quantized).
 
-    Targets, so that each reader's own matching gives the same answer: the INT4 group (first) names the routed
-    experts by regex and the FP8 group takes the class `Linear`; every reader tries a name regex before a class, so
-    an expert is INT4 and any other linear module FP8. transformers' dequantize mode takes the first group with no
-    regex naming "experts" for everything that is not an expert, so no FP8 target may name one. `ignore` lists what
-    stays unquantized: the router, every role the options keep, and the embeddings and norms, which are no Linear
-    but which compressed-tensors' model-free converter would otherwise take as `Linear` (it matches by name only)."""
+    Every reader tries a name regex before a class, so the INT4 group (first) names the routed experts by regex
+    and the FP8 group takes the class `Linear`: any other linear module. No FP8 target may be a regex naming
+    "experts": transformers' dequantize mode reads every non-expert module with the first group that has none.
+    `ignore` lists what stays unquantized: the router, the roles the options keep, and the embeddings and norms
+    (no Linear, but compressed-tensors' model-free converter matches by name and would take them as `Linear`)."""
     by_fmt: dict[str, list[str]] = {"int4": [], "fp8": [], "keep": []}
     for role in CHOICES:
         by_fmt[opts.format(role)].append(_target(role))
@@ -185,13 +184,18 @@ def quantization_config(opts: Options) -> dict | None:
 
 
 def reader_warnings(opts: Options) -> list[str]:
-    """What makes a folder with these options one that vLLM will not load (read in vLLM's compressed-tensors
-    loader; dsq and transformers load every option)."""
+    """Why another reader will not load a folder made with these options: vLLM as read in its compressed-tensors
+    loader, transformers 5.24 as run (dsq and compressed-tensors' dequantizer load every option)."""
     warnings = []
     if opts.experts == "int4" and not opts.symmetric:
-        warnings.append("--asymmetric: vLLM will not load this folder; its compressed-tensors MoE methods "
-                        "accept only symmetric INT4 experts")
+        warnings.append("--asymmetric: vLLM and transformers will not load this folder (vLLM's compressed-tensors "
+                        "MoE methods accept only symmetric INT4 experts; transformers dequantizes experts without "
+                        "zero points)")
     if opts.head == "fp8":
-        warnings.append("--lm-head fp8: vLLM will not load this folder; it builds the LM head unquantized "
-                        "and has no place for its FP8 scale")
+        warnings.append("--lm-head fp8: vLLM will not load this folder (it builds the LM head unquantized, with no "
+                        "place for its FP8 scale)")
+    if opts.fp8_block:
+        warnings.append("--fp8-scales block: transformers' default mode loads this folder only if every FP8 "
+                        "module's input size is a multiple of 128 (V2-Lite's dense down_proj, 10944, is not); "
+                        "its dequantize=True mode loads it")
     return warnings
