@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dsq.checkpoint import Checkpoint
+from dsq.checkpoint import Checkpoint, check_config
 from dsq.config import Config
 from dsq.errors import DsqError
 from dsq.layers import Experts, Linear, Scheme
@@ -142,6 +142,7 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype, rank: int
             raise DsqError(f"{folder}: is already quantized; load it without quantize=")
         scheme = quantize
     ckpt = Checkpoint(folder)
+    check_config(cfg, ckpt)
     with torch.device("meta"):
         model = Transformer(cfg, dtype, Dist(plan(cfg, world, scheme), rank))
     swap_formats(model, scheme, dtype)

@@ -36,7 +36,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 import dsq
-from dsq.checkpoint import Checkpoint, check_finite, resolve
+from dsq.checkpoint import Checkpoint, check_config, check_finite, resolve
 from dsq.config import Config
 from dsq.errors import DsqError
 from dsq.inspect import size
@@ -117,6 +117,7 @@ def quantize(src: str | Path, out: str | Path, opts: Options | None = None, *, r
     folder = resolve(src, revision)
     hf_cfg = _source_config(folder)
     ckpt = Checkpoint(folder)
+    check_config(Config.from_hf(hf_cfg, str(folder / "config.json")), ckpt)
     tasks = sorted((plan_task(n, ckpt.shape(n), ckpt.dtype(n), opts, str(folder / ckpt.files[n]))
                     for n in ckpt.files), key=lambda t: _natural(t.name))
     shards = plan_shards(tasks, shard_size)
