@@ -128,7 +128,7 @@ def _str_call_size(obj: str, method: str, args: tuple, kwargs: dict) -> int | No
     if method in ("center", "ljust", "rjust", "zfill"):
         return len(obj) + (a[0] if a and isinstance(a[0], int) else 0)
     if method == "expandtabs":
-        return len(obj) * (1 + (a[0] if a and isinstance(a[0], int) else 8))
+        return len(obj) + obj.count("\t") * (a[0] if a and isinstance(a[0], int) else 8)
     if method == "replace" and len(a) >= 2 and isinstance(a[0], str) and isinstance(a[1], str):
         return len(obj) + (obj.count(a[0]) if a[0] else len(obj) + 1) * len(a[1])
     if method == "join" and a:
@@ -149,6 +149,12 @@ def _replace_size(s: str, old: str, new: str, *_: Any) -> int:
     return len(s) + (s.count(old) if old else len(s) + 1) * len(new)
 
 
+def _indent_size(s: Any, width: Any = 4) -> int:
+    """Each line gets `width` more; a non-string could render with a line per character."""
+    lines = s.count("\n") + 1 if isinstance(s, str) else size(s)
+    return size(s) + lines * _width(width)
+
+
 def _dump_size(value: Any, indent: Any = None, *_: Any, **__: Any) -> int:
     """json / pprint: each line (at most one per character) indented by `indent` per level."""
     n, depth = measure(value)
@@ -158,7 +164,7 @@ def _dump_size(value: Any, indent: Any = None, *_: Any, **__: Any) -> int:
 # builtin filter -> an upper bound on its result's size, for those that can make more than they are given
 _FILTER_SIZE: dict[str, Callable[..., int]] = {
     "center": lambda s, width=80: size(s) + width,
-    "indent": lambda s, width=4, *_, **__: size(s) * (1 + _width(width)),  # every character a new line
+    "indent": lambda s, width=4, *_, **__: _indent_size(s, width),
     "replace": lambda s, old, new, *_: _replace_size(str(s), str(old), str(new)),
     "join": lambda seq, d="", *_: size(seq) + len(seq) * len(str(d)),
     "format": lambda s, *args, **kwargs: _printf_size(str(s), kwargs or args),

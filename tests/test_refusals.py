@@ -261,6 +261,10 @@ TEMPLATES = [
     ("surrogate", "hi \ud800", "lone surrogate"),
     ("syntax", "{% for %}", "does not compile"),
     ("raise", "{{ raise_exception('bad role') }}", "bad role"),
+    # what ordinary templates use still renders (the bounds sit far above it)
+    ("ordinary", "{% for m in messages %}{{ loop.index }}:{{ m['content']|upper|center(6) }}{% endfor %}"
+                 "{{ messages|tojson(indent=1)|length }} {{ '%d-%s' % (3, 'x') }} {{ '{}!'.format(4) * 2 }}",
+     "rendered 1:  HI  45 3-x 4!4!"),
 ]
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -293,7 +297,10 @@ def rendered(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("name, template, fragment", TEMPLATES, ids=[t[0] for t in TEMPLATES])
-def test_template_refused(rendered, name, template, fragment):
+def test_template(rendered, name, template, fragment):
     message = rendered[name]
+    if fragment.startswith("rendered "):
+        assert message == fragment
+        return
     assert "\n" not in message and fragment in message, message
     assert "tokenizer_config.json: " in message, message  # the file the template came from
