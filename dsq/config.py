@@ -132,7 +132,7 @@ class Config:
         layers = size("num_hidden_layers")
         experts = size("n_routed_experts", 0, lo=0)
         rope = _rope_dict(hf, refuse)
-        eos = hf.get("eos_token_id", 100001)
+        eos = hf.get("eos_token_id")
         if isinstance(eos, list):
             if not eos:
                 raise refuse("eos_token_id is an empty list; give a token id")
@@ -163,9 +163,8 @@ class Config:
             rope_theta=_float(rope if "rope_theta" in rope else hf, "rope_theta", 0.0, 1e12, 10000.0, refuse),
             rope_scaling=_parse_rope(hf, refuse),
             max_position_embeddings=size("max_position_embeddings", 163840),
-            bos_token_id=_int({"bos_token_id": hf.get("bos_token_id", 100000)}, "bos_token_id", 0, CAPS["vocab_size"],
-                              None, refuse),
-            eos_token_id=_int({"eos_token_id": eos}, "eos_token_id", 0, CAPS["vocab_size"], None, refuse),
+            bos_token_id=_int(hf, "bos_token_id", 0, CAPS["vocab_size"], 100000, refuse),
+            eos_token_id=_int({"eos_token_id": eos}, "eos_token_id", 0, CAPS["vocab_size"], 100001, refuse),
             tie_word_embeddings=_bool(hf, "tie_word_embeddings", False, refuse),
         )
         cfg.validate(refuse)
