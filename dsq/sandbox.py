@@ -15,6 +15,7 @@ Every refusal is a TemplateError, which the caller turns into one line.
 
 from __future__ import annotations
 
+import inspect
 import re
 import string
 import time
@@ -23,10 +24,9 @@ from contextvars import ContextVar
 from functools import wraps
 from typing import Any
 
-from jinja2 import Environment, TemplateError, nodes
+from jinja2 import TemplateError, nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.ext import loopcontrols
-from jinja2.nodes import EvalContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # The longest published context (163,840 tokens for DeepSeek-V2) is about 0.65 M characters of text at
@@ -132,8 +132,7 @@ def _str_call_size(obj: str, method: str, args: tuple, kwargs: dict) -> int | No
     if method == "replace" and len(a) >= 2 and isinstance(a[0], str) and isinstance(a[1], str):
         return len(obj) + (obj.count(a[0]) if a[0] else len(obj) + 1) * len(a[1])
     if method == "join" and a:
-        items = list(a[0]) if not isinstance(a[0], str) else a[0]
-        return size(items) + len(obj) * len(items)
+        return size(a[0]) + len(obj) * len(a[0])
     if method in ("format", "format_map"):
         return _format_size(obj, args, kwargs if method == "format" else (args[0] if args else {}))
     if method == "translate":
@@ -145,7 +144,7 @@ def _width(w: Any) -> int:
     return w if isinstance(w, int) else len(str(w))
 
 
-def _replace_size(s: str, old: str, new: str, *_: Any) -> int:
+def _replace_size(s: str, old: str, new: str) -> int:
     return len(s) + (s.count(old) if old else len(s) + 1) * len(new)
 
 
@@ -155,40 +154,49 @@ def _indent_size(s: Any, width: Any = 4) -> int:
     return size(s) + lines * _width(width)
 
 
-def _dump_size(value: Any, indent: Any = None, *_: Any, **__: Any) -> int:
+def _dump_size(value: Any, indent: Any = None) -> int:
     """json / pprint: each line (at most one per character) indented by `indent` per level."""
     n, depth = measure(value)
     return n * (2 + _width(indent or 1) * depth)
 
 
-# builtin filter -> an upper bound on its result's size, for those that can make more than they are given
-_FILTER_SIZE: dict[str, Callable[..., int]] = {
-    "center": lambda s, width=80: size(s) + width,
-    "indent": lambda s, width=4, *_, **__: _indent_size(s, width),
-    "replace": lambda s, old, new, *_: _replace_size(str(s), str(old), str(new)),
-    "join": lambda seq, d="", *_: size(seq) + len(seq) * len(str(d)),
-    "format": lambda s, *args, **kwargs: _printf_size(str(s), kwargs or args),
-    "batch": lambda seq, n, fill=None: size(seq) + n * size(fill),
-    "slice": lambda seq, n, fill=None: size(seq) + n * (2 + size(fill)),
-    "tojson": _dump_size, "pprint": _dump_size, "string": lambda v: size(v),
-    "wordwrap": lambda s, *_, **__: 2 * size(s),
+# builtin filter -> an upper bound on its result's size from its bound arguments, for the filters that can
+# make more than they are given
+_FILTER_SIZE: dict[str, Callable[[dict[str, Any]], int]] = {
+    "center": lambda a: size(a["value"]) + a["width"],
+    "indent": lambda a: _indent_size(a["s"], a["width"]),
+    "replace": lambda a: _replace_size(str(a["s"]), str(a["old"]), str(a["new"])),
+    "join": lambda a: size(a["value"]) + len(a["value"]) * len(str(a["d"])),
+    "format": lambda a: _printf_size(str(a["value"]), a["kwargs"] or a["args"]),
+    "batch": lambda a: size(a["value"]) + a["linecount"] * size(a["fill_with"]),
+    "slice": lambda a: size(a["value"]) + a["slices"] * (2 + size(a["fill_with"])),
+    "tojson": lambda a: _dump_size(a["value"], a["indent"]),
+    "pprint": lambda a: _dump_size(a["value"]),
+    "string": lambda a: size(a["s"]),
+    "wordwrap": lambda a: size(a["s"]) * (2 + len(str(a["wrapstring"] or ""))),  # a break at every character
 }
 
 
 def _bounded_filter(name: str, f: Callable) -> Callable:
     """A builtin filter whose int arguments, estimated result and result stay within the bounds."""
     estimate = _FILTER_SIZE.get(name)
+    lead = 0 if getattr(f, "jinja_pass_arg", None) is None else 1  # jinja passes eval_ctx / env first
+    signature = inspect.signature(f) if estimate is not None else None  # the sync variant's, for async ones
+    if signature is not None and next(iter(signature.parameters)) in ("eval_ctx", "environment", "context"):
+        signature = signature.replace(parameters=list(signature.parameters.values())[1:])
 
     @wraps(f)
     def bounded(*args: Any, **kwargs: Any) -> Any:
         _tick()
         for x in (*args, *kwargs.values()):
             _small_int(x, f"filter {name}")
-        if estimate is not None:
-            lead = 1 if args and isinstance(args[0], (EvalContext, Environment)) else 0
+        if signature is not None:
+            bound = signature.bind(*args[lead:], **kwargs)
+            bound.apply_defaults()
             if name == "join":  # may be a generator: count it once, hand the same items on
-                args = (*args[:lead], list(args[lead]), *args[lead + 1:])
-            _fits(estimate(*args[lead:], **kwargs), f"filter {name}")
+                bound.arguments["value"] = list(bound.arguments["value"])
+            _fits(estimate(bound.arguments), f"filter {name}")
+            args, kwargs = (*args[:lead], *bound.args), bound.kwargs
         out = f(*args, **kwargs)
         if isinstance(out, (str, list, tuple, dict)):
             _fits(size(out), f"filter {name}")
@@ -299,6 +307,7 @@ class ChatTemplateSandbox(ImmutableSandboxedEnvironment):
         """Every call a template makes (functions, methods, macros): depth, time and sizes."""
         _tick()
         what = getattr(__obj, "__name__", type(__obj).__name__)
+        args = tuple(list(x) if isinstance(x, Iterator) else x for x in args)  # measured, then handed on
         for x in (*args, *kwargs.values()):
             _small_int(x, what)
         target = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format

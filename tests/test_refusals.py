@@ -263,8 +263,9 @@ TEMPLATES = [
     ("raise", "{{ raise_exception('bad role') }}", "bad role"),
     # what ordinary templates use still renders (the bounds sit far above it)
     ("ordinary", "{% for m in messages %}{{ loop.index }}:{{ m['content']|upper|center(6) }}{% endfor %}"
-                 "{{ messages|tojson(indent=1)|length }} {{ '%d-%s' % (3, 'x') }} {{ '{}!'.format(4) * 2 }}",
-     "rendered 1:  HI  45 3-x 4!4!"),
+                 "{{ messages|tojson(indent=1)|length }} {{ '%d-%s' % (3, 'x') }} {{ '{}!'.format(4) * 2 }} "
+                 "{{ ', '.join(messages|map(attribute='content')) }} {{ [1, 2, 3]|slice(2, fill_with=0)|list }}",
+     "rendered 1:  HI  45 3-x 4!4! hi [[1, 2], [3, 0]]"),
 ]
 SCRIPT = textwrap.dedent("""
     import json, sys
