@@ -37,17 +37,20 @@ def resolve(path_or_repo: str | Path, revision: str | None = None) -> Path:
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise DsqError(f"{name}: no such folder, and not a Hub repo id (owner/name)")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
+    except HFValidationError:
+        raise DsqError(f"{name}: no such folder, and not a valid Hub repo id (owner/name)") from None
     except LocalEntryNotFoundError:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else "it could not be fetched"
-        raise DsqError(f"{name}: {why}; download it first or give a local folder") from None
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else "the Hub could not be reached"
+        raise DsqError(f"{name}: no such folder, and as a Hub repo id {why}; check the path, or download it "
+                       "first") from None
     except HfHubHTTPError as e:
-        raise DsqError(f"{name}: the Hub refused it ({e.__class__.__name__}); check the repo id and "
-                       "revision, and HF_TOKEN for gated repos") from None
+        raise DsqError(f"{name}: no such folder, and the Hub refused it as a repo id ({e.__class__.__name__}); "
+                       "check the path or the repo id and revision, and HF_TOKEN for gated repos") from None
 
 
 def check_finite(t: torch.Tensor, file: Path, name: str) -> None:

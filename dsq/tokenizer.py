@@ -75,7 +75,8 @@ def _one_line(e: BaseException) -> str:
 
 
 class Tokenizer:
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, chat_template: Path | None = None):
+        """chat_template: a template file used instead of the checkpoint's own."""
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():
@@ -91,7 +92,10 @@ class Tokenizer:
         self.bos_id, self.eos_id = self.tk.token_to_id(self.bos_token), self.tk.token_to_id(self.eos_token)
         self.add_bos = bool(cfg.get("add_bos_token", True)) and self.bos_id is not None
         self.env = ChatTemplateSandbox()
-        source, self.template_source = _template_source(folder, cfg, cfg_path)
+        if chat_template is not None:
+            source, self.template_source = chat_template.read_text(errors="surrogateescape"), str(chat_template)
+        else:
+            source, self.template_source = _template_source(folder, cfg, cfg_path)
         self.template = _compile(self.env, source, self.template_source)
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
