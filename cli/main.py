@@ -45,7 +45,7 @@ class Group(TyperGroup):
             fail(e.format_message().replace("\n", " ") + hint, e.exit_code)
         except clicks.ClickException as e:
             fail(e.format_message().replace("\n", " "), e.exit_code)
-        except (clicks.Abort, typer.Abort):
+        except typer.Abort:
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)
 

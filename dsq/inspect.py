@@ -96,17 +96,21 @@ def describe_preset(name: str, console: Console) -> None:
     """A published model's shape, bytes by role in every scheme, and the context each GPU size holds, so a
     user can plan before downloading."""
     from dsq.cache import bytes_per_token
+    from dsq.loader import hf_tensors
     from dsq.plan import plan
 
     cfg = Config.preset(name)
     console.print(f"[bold]{name}[/] (preset: the published config, nothing downloaded)", highlight=False)
     console.print(shape(cfg))
-    by_scheme = scheme_bytes(cfg)
-    table = Table("role", "parameters", *SCHEMES, title="parameters and weight bytes by role and scheme")
+    params: dict[str, int] = defaultdict(int)  # the checkpoint's tensors
+    for tensor, dims in hf_tensors(cfg).items():
+        params[role(tensor)] += math.prod(dims)
+    by_scheme = scheme_bytes(cfg)  # what the runtime allocates (the router is kept in fp32)
+    table = Table("role", "parameters", *SCHEMES, title="parameters, and weight bytes by role and scheme")
     for r in ROLES:
         if r in by_scheme["bf16"]:
-            table.add_row(r, f"{by_scheme['bf16'][r] / 2e6:,.2f} M", *(size(b[r]) for b in by_scheme.values()))
-    table.add_row("total", f"{sum(by_scheme['bf16'].values()) / 2e6:,.2f} M",
+            table.add_row(r, f"{params[r] / 1e6:,.2f} M", *(size(b[r]) for b in by_scheme.values()))
+    table.add_row("total", f"{sum(params.values()) / 1e6:,.2f} M",
                   *(size(sum(b.values())) for b in by_scheme.values()), style="bold")
     console.print(table)
     per_token = bytes_per_token(cfg, "fp8")
