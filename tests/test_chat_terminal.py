@@ -30,15 +30,18 @@ def chat_model(tmp_path_factory):
 
 
 def screen(output: str) -> str:
-    """The last line of a terminal after `output`: carriage return, backspace, cursor moves and erase-to-end
-    replayed; colours dropped."""
+    """The last line of a terminal after `output`: carriage return, backspace, cursor moves, erase and delete
+    replayed; colours and modes dropped."""
     line: list[str] = []
     col = 0
-    for m in re.finditer(r"\x1b\[(\d*)([A-Za-z])|[\x01\x02\x07]|(\r)|(\x08)|(\n)|(.)", output, re.S):
+    for m in re.finditer(r"\x1b\[([?\d;]*)([A-Za-z@])|[\x01\x02\x07]|(\r)|(\x08)|(\n)|(.)", output, re.S):
+        n = int(m[1]) if m[1] and m[1].isdigit() else None
         if m[2] == "K":
-            del line[col:]
+            del line[0 if n == 2 else col:]
+        elif m[2] == "P":
+            del line[col:col + (n or 1)]
         elif m[2] in ("C", "D"):
-            col = max(0, col + (int(m[1] or 1) if m[2] == "C" else -int(m[1] or 1)))
+            col = max(0, col + (n or 1) * (1 if m[2] == "C" else -1))
         elif m[3]:
             col = 0
         elif m[4]:
@@ -46,7 +49,7 @@ def screen(output: str) -> str:
         elif m[5]:
             line, col = [], 0
         elif m[6]:
-            line += [" "] * (col - len(line) + 1) if col >= len(line) else []
+            line += [" "] * (col + 1 - len(line))
             line[col] = m[6]
             col += 1
     return "".join(line).rstrip()

@@ -1,5 +1,6 @@
-"""README command 1 and a new user's first hour, as CI drives it: the version, planning a real model before downloading it, the demo
-and the commands it says to run next, a typo'd path, and bad flags refused before any model is loaded."""
+"""A new user's first hour, as CI drives it: the version, planning a real model before downloading it, the demo
+(README command 1) and the commands it says to run next, a typo'd path, and bad flags refused before any model
+is loaded."""
 
 from __future__ import annotations
 
