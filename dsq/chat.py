@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import time
 from collections.abc import Iterator
 
@@ -31,7 +32,8 @@ class ChatConsole(Console):
     def input(self, prompt: str = "", **_: object) -> str:
         with self.capture() as capture:
             self.print(prompt, end="")
-        return input(re.sub(r"(\x1b\[[0-9;]*m)", "\x01\\1\x02", capture.get()))
+        text = capture.get()
+        return input(re.sub(r"(\x1b\[[0-9;]*m)", "\x01\\1\x02", text) if sys.stdin.isatty() else text)
 
 
 class ChatSession:
@@ -153,7 +155,7 @@ def run_chat(model: Model, sampling: Sampling, max_new_tokens: int, context: int
                 session.clear(arg.strip() or None)
                 console.print(f"[dim]system prompt {'set' if arg.strip() else 'removed'}; new conversation[/]")
             elif cmd == "/help":
-                console.print(HELP, markup=False)
+                console.print(HELP, markup=False, highlight=False)
             else:
                 console.print(f"[red]unknown command {cmd}[/]; /help lists them")
             continue
