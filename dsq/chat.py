@@ -19,7 +19,7 @@ HELP = """/system TEXT  set the system prompt (starts a new conversation)
 /clear        forget the conversation
 /exit         leave (or Ctrl-D)
 /help         this help
-A pasted block of lines is one message; or end a line with \\ to continue the message on the next line.
+A pasted block of lines is one message; or end a line with a backslash (\\) to continue it on the next line.
 Ctrl-C stops a reply; the conversation keeps what was said."""
 PROMPT, MORE = "[bold green]> [/]", "[green]. [/]"
 
