@@ -1,29 +1,79 @@
-"""The `dsq` command line. Every command turns a DsqError into one red line on stderr and exit code 1."""
+"""The `dsq` command line. Every error, a usage error or bad input, is one red line on stderr: exit code 2 for
+usage (click's convention), 1 for a DsqError. Flags are checked before a model is loaded."""
 
 from __future__ import annotations
 
 import functools
+import math
+import os
+import re
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional, TypeVar
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 
 from dsq.cli.quantize import quantize
 from dsq.errors import DsqError
 
+err = Console(stderr=True)
+clicks = sys.modules[typer.BadParameter.__module__]  # click's exceptions, from click or from typer's copy of it
+
+
+def fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+class Group(TyperGroup):
+    """Runs click in non-standalone mode so that its usage errors print as one line, like a DsqError."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except getattr(clicks, "NoArgsIsHelpError", ()) as e:  # plain `dsq`: the help, as click prints it
+            print(e.format_message())
+            sys.exit(e.exit_code)
+        except clicks.UsageError as e:
+            hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            fail(e.format_message().replace("\n", " ") + hint, e.exit_code)
+        except clicks.ClickException as e:
+            fail(e.format_message().replace("\n", " "), e.exit_code)
+        except typer.Abort:
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=Group,
     help="dsq: quantized DeepSeek-V2 / V2-Lite inference (FP8 W8A8 + INT4 experts).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: flags show no value type, as click and typer conventions have it
 )
 console = Console()
-err = Console(stderr=True)
 F = TypeVar("F", bound=Callable)
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from dsq import __version__
+
+        print(f"dsq {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """dsq: quantized DeepSeek-V2 / V2-Lite inference (FP8 W8A8 + INT4 experts)."""
 
 
 def command(fn: F) -> F:
@@ -34,8 +84,7 @@ def command(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except DsqError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            sys.exit(1)
+            fail(str(e), 1)
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]")
             sys.exit(130)
@@ -43,43 +92,105 @@ def command(fn: F) -> F:
     return app.command()(wrapper)
 
 
-ModelArg = Annotated[str, typer.Argument(help="A model folder or a Hugging Face Hub repo id (owner/name).")]
+# --- flags, checked before anything is loaded ---------------------------------------------------------------
+def check_device(device: str) -> None:
+    """cpu, cuda or cuda:N, with that GPU present."""
+    import torch
+
+    m = re.fullmatch(r"cpu|cuda(?::(\d+))?", device)
+    if m is None:
+        raise DsqError(f"--device {device}: dsq runs on cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DsqError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
+        if m[1] is not None and int(m[1]) >= torch.cuda.device_count():
+            raise DsqError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible "
+                           f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+
+
+def check_sampling(temperature: float, top_p: float, top_k: int, seed: int | None,
+                   stop: list[str] | None = None) -> None:
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise DsqError(f"--temperature {temperature}: give a number >= 0 (0 is greedy)")
+    if not 0 < top_p <= 1:  # NaN fails this too
+        raise DsqError(f"--top-p {top_p}: give a number in (0, 1] (1 turns it off)")
+    if top_k < 0:
+        raise DsqError(f"--top-k {top_k}: give a number >= 0 (0 turns it off)")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise DsqError(f"--seed {seed}: give a number in [0, 2**63)")
+    if stop is not None and "" in stop:
+        raise DsqError("--stop '': an empty stop string would stop at once; give some text")
+
+
+def use_threads(threads: int | None, tp: int) -> None:
+    """torch's CPU threads: --threads, else the cores this process may use (its affinity, which on a shared
+    machine is far fewer than the machine's cores OpenMP would start). On --tp N ranks, dsq.parallel shares
+    the cores out instead."""
+    import torch
+
+    if threads is not None and threads < 1:
+        raise DsqError(f"--threads {threads}: give a number >= 1")
+    if tp == 1:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(threads or cores)
+
+
+def model_config(model: str, revision: str | None):
+    """The folder a model argument names (fetched from the Hub if it is a repo id) and its config, read
+    without building anything."""
+    from dsq.checkpoint import resolve
+    from dsq.loader import read_config
+
+    folder = resolve(model, revision)
+    return folder, read_config(folder)[0]
+
+
+ModelArg = Annotated[str, typer.Argument(metavar="MODEL", show_default=False,
+                                         help="A model folder or a Hugging Face Hub repo id (owner/name).")]
 Device = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
 Revision = Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")]  # noqa: UP045
 TP = Annotated[int, typer.Option("--tp", min=1, help="Split the model over N ranks (a GPU each with cuda, "
                                                      "processes on cpu): tensor + expert parallel.")]
+Threads = Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: the cores this "  # noqa: UP045
+                                                     "process may use).")]
+Seed = Annotated[Optional[int], typer.Option(help="Seed for sampling.")]  # noqa: UP045
 
 
 @command
 def generate(
     model: ModelArg,
     prompt: Annotated[str, typer.Option(help="The text to complete (with --ids: token ids, e.g. '1 2 3').")],
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 is greedy; higher samples more freely.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 turns it off).")] = 1.0,
     top_k: Annotated[int, typer.Option(help="Sample among the k likeliest tokens (0 turns it off).")] = 0,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,  # noqa: UP045
+    seed: Seed = None,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop at this string (repeatable).")] = None,  # noqa: UP045
     ids: Annotated[bool, typer.Option("--ids", help="Take and print token ids instead of text.")] = False,
     device: Device = "cpu",
     revision: Revision = None,
     tp: TP = 1,
+    threads: Threads = None,
 ) -> None:
-    """Complete a prompt and print the completion as it is generated."""
+    """Complete a prompt and print the completion as it is generated (defaults as Model.generate's)."""
     params = dict(locals())
-    from dsq import load_quantized
-    from dsq.launch import launch
-    from dsq.tokenizer import TextStream
-
+    check_sampling(temperature, top_p, top_k, seed, stop)
+    check_device(device)
     if ids:
         try:
             prompt_ids = [int(t) for t in prompt.replace(",", " ").split()]
         except ValueError:
             raise DsqError(f"--prompt {prompt!r}: with --ids, give whitespace-separated integers") from None
+    use_threads(threads, tp)
+    folder, _ = model_config(model, revision)
+    from dsq import load_quantized
+    from dsq.launch import launch
+    from dsq.tokenizer import TextStream
+
     if tp > 1 and launch(tp, generate, params):  # ran this command on tp ranks; rank 0 printed
         return
     with console.status("loading model"):
-        m = load_quantized(model, device=device, revision=revision, tp=tp)
+        m = load_quantized(folder, device=device, tp=tp)
     if ids:
         out = m.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                          top_k=top_k, seed=seed)
@@ -99,53 +210,88 @@ def chat(
     model: ModelArg,
     system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,  # noqa: UP045
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens per reply.")] = 512,
-    temperature: Annotated[float, typer.Option(help="0 is greedy; higher samples more freely.")] = 0.7,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 turns it off).")] = 0.95,
+    temperature: Annotated[float, typer.Option(help="0 is greedy; higher samples more freely (Model.chat's "
+                                                    "default is 0).")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 turns it off; Model.chat's default "
+                                              "is 1).")] = 0.95,
     top_k: Annotated[int, typer.Option(help="Sample among the k likeliest tokens (0 turns it off).")] = 0,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for sampling.")] = None,  # noqa: UP045
+    seed: Seed = None,
     context: Annotated[int, typer.Option(min=16, help="Context length in tokens (cache size).")] = 4096,
+    chat_template: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        metavar="FILE", help="A jinja chat template to use instead of the checkpoint's.")] = None,
     device: Device = "cpu",
     revision: Revision = None,
     tp: TP = 1,
+    threads: Threads = None,
 ) -> None:
     """Chat with a model in the terminal, in its chat template; the reply streams as it is generated."""
     params = dict(locals())
+    check_sampling(temperature, top_p, top_k, seed)
+    check_device(device)
+    if max_new_tokens >= context:
+        raise DsqError(f"--max-new-tokens {max_new_tokens} leaves no room for a message in --context {context}; "
+                       "ask for fewer tokens or raise --context")
+    if chat_template is not None:
+        try:
+            chat_template.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DsqError(f"--chat-template {chat_template}: cannot be read ({e.__class__.__name__})") from None
+    use_threads(threads, tp)
+    folder, cfg = model_config(model, revision)
+    if context > cfg.max_position_embeddings:
+        raise DsqError(f"--context {context} is above this model's maximum of {cfg.max_position_embeddings} "
+                       "tokens (max_position_embeddings); give a smaller --context")
     from dsq import load_quantized
-    from dsq.chat import run_chat
+    from dsq.chat import ChatConsole, run_chat
     from dsq.generate import Sampling
     from dsq.launch import launch, terminal
+    from dsq.tokenizer import Tokenizer
 
     sampling = Sampling(temperature, top_k, top_p)
     if tp > 1 and launch(tp, chat, params):  # ran this command on tp ranks; rank 0 read and printed
         return
     with console.status("loading model"):
-        m = load_quantized(model, device=device, revision=revision, max_seq_len=context, tp=tp)
-    with terminal(console, m.net.dist) as term:  # on N ranks: rank 0 reads, the others follow
+        m = load_quantized(folder, device=device, max_seq_len=context, tp=tp)
+    if chat_template is not None and m.tokenizer is not None:
+        m.tokenizer = Tokenizer(folder, chat_template=chat_template)
+    with terminal(ChatConsole(), m.net.dist) as term:  # on N ranks: rank 0 reads, the others follow
         run_chat(m, sampling, max_new_tokens, context, system, seed, term)
 
 
 @command
-def inspect(model: ModelArg, revision: Revision = None) -> None:
-    """Print a checkpoint's config, its quantization scheme, and parameters and bytes by role."""
-    from dsq.inspect import describe
+def inspect(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="A model folder, a Hub repo id (owner/name), or a "
+                                         "preset (deepseek-v2-lite, deepseek-v2) to plan before downloading.")],
+    revision: Revision = None,
+) -> None:
+    """Print a checkpoint's config, its quantization scheme, and parameters and bytes by role; for a preset,
+    the bytes of every scheme and which GPUs fit which context."""
+    from dsq.config import PRESETS
+    from dsq.inspect import describe, describe_preset
 
-    describe(model, revision, console)
+    if model in PRESETS:
+        describe_preset(model, console)
+    else:
+        describe(model, revision, console)
 
 
 @command
 def demo(
-    folder: Annotated[Optional[Path], typer.Option("--dir", help="Where to write the demo checkpoint "  # noqa: UP045
-                                                   "(default: a temporary folder, removed afterwards).")] = None,
+    folder: Annotated[Optional[Path], typer.Option("--dir", metavar="DIR", help="Keep the demo checkpoints "  # noqa: UP045
+                                                   "in DIR (default: a temporary folder, removed afterwards).")] = None,
     device: Device = "cpu",
+    threads: Threads = None,
 ) -> None:
     """Run dsq end to end on a tiny random-weight DeepSeek-V2: no GPU, no download."""
     from dsq.demo import run_demo
 
+    check_device(device)
+    use_threads(threads, 1)
     if folder is not None:
-        run_demo(folder, device, console)
+        run_demo(folder, device, console, keep=True)
         return
     with tempfile.TemporaryDirectory(prefix="dsq-demo-") as tmp:
-        run_demo(Path(tmp), device, console)
+        run_demo(Path(tmp), device, console, keep=False)
 
 
 command(quantize)

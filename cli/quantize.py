@@ -46,9 +46,10 @@ def quantize(
                                                         "a dsq output of the same source and options.")] = False,
 ) -> None:
     """Quantize a DeepSeek-V2 checkpoint: FP8 W8A8 attention / dense / shared experts, INT4 routed experts,
-    written as a Hugging Face folder in the compressed-tensors format (loads in dsq, vLLM, SGLang)."""
+    written as a Hugging Face folder in the compressed-tensors format. dsq loads every option, transformers and
+    vLLM the defaults; it warns, after the report, about options that keep one of them out."""
     from dsq.quantize.run import quantize as run
-    from dsq.quantize.scheme import Options
+    from dsq.quantize.scheme import Options, reader_warnings
 
     if fp8_scales not in ("channel", "block"):
         raise DsqError(f"--fp8-scales {fp8_scales!r}: not one of channel, block")
@@ -59,3 +60,5 @@ def quantize(
     report = run(src, out, opts, revision=revision, shard_size=parse_size(shard_size), device=device, force=force,
                  console=console)
     console.print(report.table())
+    for warning in reader_warnings(opts):
+        console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True, highlight=False)

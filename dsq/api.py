@@ -11,7 +11,7 @@ import torch
 from dsq.cache import KV_CACHE_DTYPES
 from dsq.checkpoint import resolve
 from dsq.errors import DsqError
-from dsq.formats import FP8Channel, Int4Group, Scheme
+from dsq.formats import SCHEMES, Int4Group, Scheme
 from dsq.generate import Sampling, generate, steps
 from dsq.launch import init
 from dsq.layers import BACKENDS
@@ -20,10 +20,6 @@ from dsq.memory import MemoryPlan, memory_plan, weight_bytes
 from dsq.model import Transformer
 from dsq.tokenizer import TextStream, Tokenizer
 
-# load_quantized(quantize=...) -> the format of each role (dsq.checkpoint.ROLES), as `dsq quantize` with
-# its defaults (fp8-int4) or with --experts fp8 (fp8) writes them; the others stay unquantized
-_FP8 = dict.fromkeys(("shared", "dense", "attention"), FP8Channel())
-QUANTIZE = {"fp8-int4": {"experts": Int4Group(128), **_FP8}, "fp8": {"experts": FP8Channel(), **_FP8}}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -71,9 +67,9 @@ def load_quantized(
         raise DsqError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise DsqError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
-    if quantize not in (None, *QUANTIZE):
-        raise DsqError(f"quantize={quantize!r} is not one of {', '.join(QUANTIZE)}")
-    scheme = Scheme.by_role(QUANTIZE[quantize], f"quantize={quantize!r}") if quantize else None
+    if quantize not in (None, *SCHEMES):
+        raise DsqError(f"quantize={quantize!r} is not one of {', '.join(SCHEMES)}")
+    scheme = Scheme.by_role(SCHEMES[quantize], f"quantize={quantize!r}") if quantize else None
     folder = resolve(path_or_repo, revision)
     fits = check_fits(folder, device, dtype, kv_cache_dtype, gpu_memory_utilization, max_seq_len or 4096, rank, tp,
                       scheme) if device.type == "cuda" else None

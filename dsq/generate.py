@@ -22,12 +22,12 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise DsqError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # NaN fails this too
+            raise DsqError(f"temperature must be a number >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise DsqError(f"--top-k must be >= 0, got {self.top_k}")
+            raise DsqError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise DsqError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise DsqError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 GREEDY = Sampling()
@@ -101,8 +101,11 @@ def steps(
         part = model(tokens[:, c0:c0 + n], pos[:, c0:c0 + n], cache, last=(lens - 1 - c0).clamp(0, n - 1))
         here = (lens - 1 >= c0) & (lens - 1 < c0 + n)  # the chunk holding each prompt's last token
         logits = part if logits is None else torch.where(here[:, None], part, logits)
-    decode = GraphDecoder(model, cache, cache.block_table.shape[0]) if graphs else None
+    decode = GraphDecoder(model, cache, cache.block_table.shape[0], first + lens) if graphs else None
     for step in range(max_new_tokens):
+        if not torch.isfinite(logits).all():  # argmax/multinomial would turn them into token 0
+            raise DsqError(f"the model produced NaN or Inf logits at new token {step + 1}; generation stopped "
+                           "(damaged weights, or an overflow: try dtype float32)")
         nxt = model.dist.agree(sample(logits, sampling, generator))
         yield nxt.tolist()
         if step < max_new_tokens - 1:

@@ -1,7 +1,7 @@
 """CUDA-graph decode: one decode step captured per batch bucket, replayed with new tokens and positions.
 
 At batch 1 a decode step is ~27 layers x ~15 kernels; launched one by one from Python that is launch- and
-interpreter-bound (the peers' batch-1 numbers, BRIEF section 4). Replaying a captured graph removes both.
+interpreter-bound. Replaying a captured graph removes both (vLLM and gpt-fast capture decode the same way).
 The step must be free of host syncs and data-dependent shapes: the Triton backend's paths are."""
 
 from __future__ import annotations
@@ -22,11 +22,19 @@ def bucket(batch: int) -> int:
 class GraphDecoder:
     """Replays `net(tokens, pos, cache, absorb=True)` for one token per sequence of a fixed-size batch."""
 
-    def __init__(self, net: Transformer, cache: PagedCache, batch: int):
+    def __init__(self, net: Transformer, cache: PagedCache, batch: int, next_pos: torch.Tensor):
+        """`next_pos` [n]: the position each of the first n cache rows writes next (its cached length).
+
+        The eager warm-up steps write a latent per row, so they write where no cached token lives: row i
+        at next_pos[i], rows n.. (a bucket's spare rows, owned by no sequence) at 0. That is safe because
+        attention at position p reads only positions <= p of its row, and every decode step writes its own
+        position before attending to it: the first real step overwrites next_pos[i] before anything reads it.
+        Capture writes nothing (kernels are recorded, not run), and each replay gets the caller's positions."""
         device = net.inv_freq.device
         self.net, self.cache, self.batch = net, cache, batch
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos[: len(next_pos), 0] = next_pos
         self.last = torch.zeros(batch, dtype=torch.long, device=device)
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))

@@ -7,11 +7,15 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
 from dsq.checkpoint import DTYPES, Checkpoint, resolve, role
 from dsq.config import Config
+
+ROLES = ("attention", "dense", "shared", "experts", "router", "embed", "head", "norm", "other")
+GPUS = (24, 48, 80, 141)  # GB: consumer, L40S / A6000, A100 / H100, H200
 
 
 def by_role(ckpt: Checkpoint) -> dict[str, dict[str, int | set[str]]]:
@@ -31,17 +35,20 @@ def by_role(ckpt: Checkpoint) -> dict[str, dict[str, int | set[str]]]:
     return rows
 
 
+def shape(cfg: Config) -> str:
+    attn = f"q_lora {cfg.q_lora_rank}" if cfg.q_lora_rank else "plain q_proj"
+    return (f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads ({attn}, "
+            f"kv_lora {cfg.kv_lora_rank}), {cfg.n_routed_experts} routed experts top-{cfg.num_experts_per_tok} "
+            f"({cfg.topk_method}) + {cfg.n_shared_experts} shared, {cfg.first_k_dense_replace} dense layer(s), "
+            f"vocab {cfg.vocab_size}, context {cfg.max_position_embeddings}")
+
+
 def describe(model: str, revision: str | None, console: Console) -> None:
     folder = resolve(model, revision)
     cfg = Config.from_file(Path(folder) / "config.json")
     hf = json.loads((Path(folder) / "config.json").read_text())
-    attn = f"q_lora {cfg.q_lora_rank}" if cfg.q_lora_rank else "plain q_proj"
     console.print(f"[bold]{folder}[/]", highlight=False)
-    console.print(
-        f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads ({attn}, "
-        f"kv_lora {cfg.kv_lora_rank}), {cfg.n_routed_experts} routed experts top-{cfg.num_experts_per_tok} "
-        f"({cfg.topk_method}) + {cfg.n_shared_experts} shared, {cfg.first_k_dense_replace} dense layer(s), "
-        f"vocab {cfg.vocab_size}, context {cfg.max_position_embeddings}")
+    console.print(shape(cfg))
     q = hf.get("quantization_config")
     if q:
         for name, group in q.get("config_groups", {}).items():
@@ -56,7 +63,7 @@ def describe(model: str, revision: str | None, console: Console) -> None:
     table = Table("role", "parameters", "bytes", "dtype", title="parameters and bytes by role")
     rows = by_role(Checkpoint(folder))
     total_p = total_b = 0
-    for r in ("attention", "dense", "shared", "experts", "router", "embed", "head", "norm", "other"):
+    for r in ROLES:
         if r in rows:
             row = rows[r]
             total_p, total_b = total_p + row["params"], total_b + row["bytes"]
@@ -72,3 +79,45 @@ def size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
         n /= 1000
     return f"{n:,.3g} TB"
+
+
+def scheme_bytes(cfg: Config) -> dict[str, dict[str, int]]:
+    """Weight bytes by role of each scheme, from the model the loader would build (on the meta device)."""
+    from dsq.formats import SCHEMES, Scheme
+    from dsq.memory import weight_bytes
+
+    schemes = {name: Scheme.by_role(roles, name) for name, roles in SCHEMES.items()} | {"bf16": Scheme(None)}
+    return {name: weight_bytes(cfg, scheme, torch.bfloat16) for name, scheme in schemes.items()}
+
+
+def describe_preset(name: str, console: Console) -> None:
+    """A published model's shape, bytes by role in every scheme, and the context each GPU size holds, so a
+    user can plan before downloading."""
+    from dsq.cache import bytes_per_token
+    from dsq.loader import hf_tensors
+    from dsq.memory import memory_plan
+
+    cfg = Config.preset(name)
+    console.print(f"[bold]{name}[/] (preset: the published config, nothing downloaded)", highlight=False)
+    console.print(shape(cfg))
+    params: dict[str, int] = defaultdict(int)  # the checkpoint's tensors
+    for tensor, dims in hf_tensors(cfg).items():
+        params[role(tensor)] += math.prod(dims)
+    by_scheme = scheme_bytes(cfg)  # what the runtime allocates (the router is kept in fp32)
+    table = Table("role", "parameters", *by_scheme, title="parameters, and weight bytes by role and scheme")
+    for r in ROLES:
+        if r in by_scheme["bf16"]:
+            table.add_row(r, f"{params[r] / 1e6:,.2f} M", *(size(b[r]) for b in by_scheme.values()))
+    table.add_row("total", f"{sum(params.values()) / 1e6:,.2f} M",
+                  *(size(sum(b.values())) for b in by_scheme.values()), style="bold")
+    console.print(table)
+    per_token = bytes_per_token(cfg, "fp8")
+    table = Table("scheme", *(f"{g} GB" for g in GPUS), title=f"tokens of cache one GPU holds (90% of its "
+                  f"memory, FP8 latent cache {size(per_token)} per token, 4096-token prefill)")
+    for scheme, b in by_scheme.items():
+        tokens = [memory_plan(cfg, sum(b.values()), int(gb * 1e9), int(gb * 1e9), need_tokens=0).cache_tokens
+                  for gb in GPUS]
+        table.add_row(scheme, *("does not fit" if t == 0 else f"{t:,}" for t in tokens))
+    console.print(table)
+    console.print(f"The cache is shared by all sequences; one sequence holds at most {cfg.max_position_embeddings:,} "
+                  "tokens. More GPUs: --tp N splits weights and experts over N of them (docs/parallel.md).")

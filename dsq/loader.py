@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dsq.checkpoint import Checkpoint
+from dsq.checkpoint import Checkpoint, check_config
 from dsq.config import Config
 from dsq.errors import DsqError
 from dsq.formats import BF16, Scheme
@@ -112,6 +112,7 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype, rank: int
             raise DsqError(f"{folder}: is already quantized; load it without quantize=")
         scheme = quantize
     ckpt = Checkpoint(folder)
+    check_config(cfg, ckpt)
     with torch.device("meta"):
         model = Transformer(cfg, dtype, Dist(shard_plan(cfg, world, scheme), rank), scheme, **serving)
     model.to_empty(device=device)

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 import dsq
-from dsq.checkpoint import Checkpoint, resolve
+from dsq.checkpoint import Checkpoint, check_config, resolve
 from dsq.config import Config
 from dsq.errors import DsqError
 from dsq.quantize.convert import convert_tensor
@@ -52,6 +52,7 @@ def quantize(src: str | Path, out: str | Path, opts: Options | None = None, *, r
     folder = resolve(src, revision)
     hf_cfg = _source_config(folder)
     ckpt = Checkpoint(folder)
+    check_config(Config.from_hf(hf_cfg, str(folder / "config.json")), ckpt)
     tasks = sorted((task_for(n, ckpt.shape(n), ckpt.dtype(n), opts, str(folder / ckpt.files[n]))
                     for n in ckpt.files), key=lambda t: _natural(t.name))
     shards = layout_files(tasks, shard_size)

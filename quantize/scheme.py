@@ -1,10 +1,10 @@
 """The quantization options: which format each tensor gets, and the compressed-tensors config that says so.
 
 One table (dsq.checkpoint.ROLES) maps a Hugging Face module name to its role; it decides the format of every tensor and
-also writes the `targets` / `ignore` regexes of `quantization_config`, so the two cannot disagree. The role
-regexes are disjoint, so the outcome is the same under every matcher that reads the config: dsq's loader
-(first group wins, re.fullmatch), compressed-tensors (exact names, then regexes sorted by text, re.match)
-and vLLM; each regex ends in `$` so that re.match and re.fullmatch agree.
+also writes the `targets` / `ignore` entries of `quantization_config`, so the two cannot disagree. The config is
+written so that every reader resolves it the same way (docs/quantization.md, "Who reads the folder"): the INT4 group
+names the routed experts by regex, the FP8 group targets the class `Linear` (whatever linear module no regex claims),
+and `ignore` lists every linear module that stays unquantized.
 """
 
 from __future__ import annotations
@@ -143,7 +143,13 @@ def _target(role: str) -> str:
 
 
 def quantization_config(opts: Options) -> dict | None:
-    """The compressed-tensors `quantization_config` for these options (None when nothing is quantized)."""
+    """The compressed-tensors `quantization_config` for these options (None when nothing is quantized).
+
+    Every reader tries a name regex before a class, so the INT4 group (first) names the routed experts by regex
+    and the FP8 group takes the class `Linear`: any other linear module. No FP8 target may be a regex naming
+    "experts": transformers' dequantize mode reads every non-expert module with the first group that has none.
+    `ignore` lists what stays unquantized: the router, the roles the options keep, and the embeddings and norms
+    (no Linear, but compressed-tensors' model-free converter matches by name and would take them as `Linear`)."""
     by_fmt: dict[str, list[str]] = {"int4": [], "fp8": [], "keep": []}
     for role in CHOICES:
         by_fmt[opts.format(role)].append(_target(role))
@@ -156,13 +162,31 @@ def quantization_config(opts: Options) -> dict | None:
                        "format": "pack-quantized"})
     if by_fmt["fp8"]:
         weights, acts = (FP8Block() if opts.fp8_block else FP8Channel()).args()
-        groups.append({"targets": by_fmt["fp8"], "weights": weights, "input_activations": acts,
+        groups.append({"targets": ["Linear"], "weights": weights, "input_activations": acts,
                        "format": "float-quantized"})
     return {
         "quant_method": "compressed-tensors",
         "format": "mixed-precision",
         "quantization_status": "compressed",
         "config_groups": {f"group_{i}": g for i, g in enumerate(groups)},
-        "ignore": [_target("router"), *by_fmt["keep"]],
+        "ignore": [_target("router"), *by_fmt["keep"], _target("embed"), _target("norm")],
         "kv_cache_scheme": None,
     }
+
+
+def reader_warnings(opts: Options) -> list[str]:
+    """Why another reader will not load a folder made with these options: vLLM as read in its compressed-tensors
+    loader, transformers 5.24 as run (dsq and compressed-tensors' dequantizer load every option)."""
+    warnings = []
+    if opts.experts == "int4" and not opts.symmetric:
+        warnings.append("--asymmetric: vLLM and transformers will not load this folder (vLLM's compressed-tensors "
+                        "MoE methods accept only symmetric INT4 experts; transformers dequantizes experts without "
+                        "zero points)")
+    if opts.head == "fp8":
+        warnings.append("--lm-head fp8: vLLM will not load this folder (it builds the LM head unquantized, with no "
+                        "place for its FP8 scale)")
+    if opts.fp8_block:
+        warnings.append("--fp8-scales block: transformers' default mode loads this folder only if every FP8 "
+                        "module's input size is a multiple of 128 (V2-Lite's dense down_proj, 10944, is not); "
+                        "its dequantize=True mode loads it")
+    return warnings

@@ -104,7 +104,8 @@ class OutputWriter:
 
     def write(self, out: str, t: torch.Tensor, first_row: int = 0) -> None:
         """Write `t` as rows [first_row, first_row + len(t)) of output tensor `out` (all of it by default)."""
-        data = t.detach().cpu().contiguous().view(torch.uint8).numpy().reshape(-1)
+        # flat before the byte view: a contiguous [n, 1] tensor may keep a last stride other than 1
+        data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         row_bytes = data.nbytes // t.shape[0] if t.dim() > 1 else 0
         offset = self.shard.offsets[out] + first_row * row_bytes
         view = memoryview(data)

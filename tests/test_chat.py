@@ -6,7 +6,7 @@ import os
 import sys
 
 import pytest
-from tiny import make_tiny
+from tiny import endless, make_tiny
 
 import dsq
 from dsq.chat import ChatSession
@@ -46,42 +46,27 @@ def test_context_full_drops_oldest_turns(chat_model):
     assert session.used <= 96
 
 
-def test_chat_in_a_terminal(chat_model):
-    pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(sys.executable, ["-m", "dsq.cli.main", "chat", str(chat_model), "--temperature", "0",
-                                           "--max-new-tokens", "6", "--context", "4096"],
-                          timeout=120, encoding="utf-8", dimensions=(40, 200), env=PLAIN)
-    child.expect("/help for commands")
-    child.expect("> ")
-    child.sendline("Hello")
-    child.expect(r"6 tokens · [\d.]+ tok/s · context \d+/4096")
-    child.expect("> ")
-    child.sendline("/help")
-    child.expect("/system TEXT")
-    child.sendline("/clear")
-    child.expect("conversation cleared")
-    child.sendline("/system You are terse.")
-    child.expect("system prompt set")
-    child.sendline("/nope")
-    child.expect("unknown command")
-    child.expect("> ")
-    child.sendline("/exit")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
+@pytest.fixture(scope="module")
+def endless_model(chat_model, tmp_path_factory):
+    return endless(chat_model, tmp_path_factory.mktemp("endless") / "model")
 
 
-def test_ctrl_c_stops_a_reply_and_keeps_the_session(chat_model):
+def test_ctrl_c_stops_a_reply_and_keeps_the_session(endless_model):
+    """Ctrl-C goes in once the reply is seen streaming, and the reply cannot end by itself (no end token, a
+    budget near a large context), so only the interrupt can stop it, however long the machine takes."""
     pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(sys.executable, ["-m", "dsq.cli.main", "chat", str(chat_model), "--temperature", "1",
-                                           "--max-new-tokens", "3000", "--context", "4096", "--seed", "0"],
-                          timeout=120, encoding="utf-8", dimensions=(40, 200), env=PLAIN)
+    prompt = "Tell me a long story"
+    child = pexpect.spawn(sys.executable, ["-m", "dsq.cli.main", "chat", str(endless_model), "--temperature", "1",
+                                           "--max-new-tokens", "32000", "--context", "32768", "--seed", "0"],
+                          timeout=300, encoding="utf-8", dimensions=(40, 200), env=PLAIN)
     child.expect("> ")
-    child.sendline("Tell me a long story")
-    child.expect(r"\S")  # the reply has started streaming
+    child.sendline(prompt)
+    child.expect_exact(f"{prompt}\r\n")  # the terminal's echo of the line; what follows is the reply
+    child.expect(r"\S")  # the first streamed text
     child.sendintr()
     child.expect("reply stopped")
-    child.expect(r"context \d+/4096")
+    child.expect(r"(\d+) tokens · [\d.]+ tok/s · context \d+/32768")
+    assert int(child.match.group(1)) < 32000
     child.expect("> ")
     child.sendline("/exit")
     child.expect(pexpect.EOF)

@@ -10,15 +10,17 @@ import io
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 from rich.console import Console
-from tiny import V2, make_tiny
+from tiny import V2, endless, make_tiny
 
 import dsq
+import dsq.generate
+import dsq.quant
 from dsq.cache import bytes_per_token
 from dsq.checkpoint import Checkpoint
 from dsq.config import Config
@@ -37,16 +39,33 @@ NEW = 8
 SAMPLING = dict(temperature=1.0, top_p=0.9, seed=5)
 CLI = [sys.executable, "-m", "dsq.cli.main"]
 FAULTS = [sys.executable, str(Path(__file__).with_name("faults.py"))]  # the CLI with a fault injected
+REAL_SAMPLE, REAL_ACT_QUANT = dsq.generate.sample, dsq.quant.fp8_quantize_act
 UNEVEN = dict(n_routed_experts=6, n_group=3, topk_group=2, num_attention_heads=6, hidden_size=96,
               intermediate_size=345, vocab_size=1001)  # 4 ranks: 2/2/1/1 experts and heads, 87/86/86/86 columns
 BLOCKY = dict(hidden_size=128, num_attention_heads=8, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
               kv_lora_rank=64, intermediate_size=512, moe_intermediate_size=256)  # whole 128-blocks on 4 ranks
 
 
+def unrounded(x: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fp8_quantize_act` without the rounding to e4m3: the same scales, the scaled values kept in float32."""
+    scale = REAL_ACT_QUANT(x, group)[1]
+    if group is None:
+        return x.float() / scale, scale
+    return x.float() / scale.repeat_interleave(group, dim=-1)[..., :x.shape[-1]], scale
+
+
 def run(path: Path, world: int) -> dict:
-    """What one rank computes from a checkpoint: logits, greedy and sampled tokens of a ragged batch."""
+    """What one rank computes from a checkpoint: logits (also with FP8 activations left unrounded), greedy
+    tokens with the logits each step chose from, and sampled tokens of a ragged batch."""
     m = dsq.load_quantized(path, tp=world, kv_cache_dtype="fp32")
-    return {"logits": m.logits(IDS), "greedy": m.generate(PROMPTS, max_new_tokens=NEW),
+    seen = []
+    record = lambda logits, s, g=None: (seen.append(logits.clone()), REAL_SAMPLE(logits, s, g))[1]
+    with mock.patch.object(dsq.generate, "sample", record):
+        greedy = m.generate(PROMPTS, max_new_tokens=NEW)
+    with mock.patch.object(dsq.quant, "fp8_quantize_act", unrounded):
+        logits_unrounded = m.logits(IDS)
+    return {"logits": m.logits(IDS), "unrounded": logits_unrounded, "greedy": greedy,
+            "decode_logits": torch.stack(seen, 1),  # [prompt, step, vocab]
             "sampled": m.generate(PROMPTS, max_new_tokens=NEW, **SAMPLING)}
 
 
@@ -100,29 +119,52 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+# Splitting changes only the order of fp32 sums (each rank sums its slice, the all-reduce adds the parts). A
+# reordered dot product of K terms moves by about sqrt(K) * u relative (u = 2**-24; Higham & Mary, "A new
+# approach to probabilistic rounding error analysis", SIAM J. Sci. Comput. 2019), and the at most 22 matmuls a
+# token passes through here (3 layers of q_a, q_b, kv_a, kv_b, o, up/gate, down, then the head) add such errors
+# in quadrature: sqrt(22) * sqrt(512) * 2**-24 = 6.3e-6 for the widest K here (512), under this bound. Measured:
+# 3.3e-7 to 4.2e-7 on 2 and 4 ranks.
+EXACT = 1e-5
+
+
 # --- N ranks against 1 -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["lite", "v2", "fp8-block+int4"])
+@pytest.mark.parametrize("name", ["lite", "v2"])
 def test_n_ranks_give_one_ranks_tokens_and_logits(n_ranks, one_rank, name):
-    """Unquantized, INT4 (W4A16) and FP8 with 128x128 block scales (1x128 activation groups, whole blocks
-    per rank) are exact under the split: only the order of fp32 sums changes. Sampling is done by rank 0."""
-    results = n_ranks
-    got, want = results[name], one_rank[name]
+    """Unquantized and INT4 (W4A16: weights only) are exact under the split, so greedy tokens are equal and
+    so are sampled ones (rank 0 samples, the others take its token)."""
+    got, want = n_ranks[name], one_rank[name]
     assert got["ranks_agree"]
-    assert rel_err(got["logits"], want["logits"]) < 1e-5
+    assert rel_err(got["logits"], want["logits"]) < EXACT
     assert got["greedy"] == want["greedy"]
     assert got["sampled"] == want["sampled"]
 
 
-def test_channel_fp8_row_parallel_redraws_the_rounding(n_ranks, one_rank):
-    """Per-token FP8 activation scales of a row-parallel layer (o_proj, down_proj) cover each rank's slice of
-    the token, as in vLLM and SGLang: the FP8 rounding is redrawn, not worsened. Against the unquantized model
-    the error stays what 1 rank has; exact equality would cost an all-reduce of token scales per layer."""
-    results = n_ranks
-    got, want = results["fp8-channel+int4"], one_rank["fp8-channel+int4"]
-    ref = one_rank["src"]["logits"]  # the unquantized model it was made from
+@pytest.mark.parametrize("name", ["fp8-block+int4", "fp8-channel+int4"])
+def test_fp8_split_is_exact_but_for_the_activation_rounding(n_ranks, one_rank, name):
+    """FP8 activations are quantized at run time: per 1x128 group (block scales; whole groups per rank), or
+    per token (channel scales; a row-parallel layer, o_proj or down_proj, scales each rank's slice of the
+    token as vLLM and SGLang do, which is never coarser than the whole token's scale). Either way the split
+    moves an activation's input by fp32 reordering only, but one that sits on a rounding boundary of e4m3 can
+    round to the neighbouring value, so N ranks draw the rounding again and the logits are not equal.
+
+    What holds exactly: with the rounding taken out (same weights, scales and splits), N ranks give 1 rank's
+    logits. Greedy tokens: while N ranks and 1 rank have decoded the same tokens, the next ones must be equal
+    wherever 1 rank's top logit leads by more than twice what the split moves a logit (measured on IDS):
+    elsewhere either token is a right answer, and after a difference the two runs read different prefixes."""
+    got, want = n_ranks[name], one_rank[name]
     assert got["ranks_agree"]
-    assert rel_err(got["logits"], ref) < 1.1 * rel_err(want["logits"], ref)
-    assert rel_err(got["logits"], want["logits"]) < 0.1
+    assert rel_err(got["unrounded"], want["unrounded"]) < EXACT
+    assert rel_err(got["logits"], got["unrounded"]) > EXACT  # the rounding is there, far beyond reordering
+
+    split = (got["logits"] - want["logits"]).abs().max()
+    for i, (ours, theirs) in enumerate(zip(got["greedy"], want["greedy"], strict=True)):
+        top2 = want["decode_logits"][i, :len(theirs)].topk(2).values
+        clear = (top2[:, 0] - top2[:, 1] > 2 * split).tolist()
+        for a, b, sure in zip(ours, theirs, clear, strict=False):
+            assert a == b or not sure
+            if a != b:
+                break
 
 
 # --- the plan ----------------------------------------------------------------------------------------------
@@ -247,31 +289,35 @@ def test_cli_generate_tp_prints_one_ranks_tokens(ckpts):
 @pytest.mark.parametrize("how", ["exit", "hang"])
 def test_a_failed_rank_stops_the_job(ckpts, how):
     """Rank 1 exits (the launcher sees it and kills the rest) or hangs (rank 0's next collective times out
-    after DSQ_DIST_TIMEOUT) at its 3rd step: the job ends with a line that says so, not a hang."""
+    after DSQ_DIST_TIMEOUT) at its 3rd step: the job ends with a line that says so, not a hang. The message
+    is what shows it (the 600 s collective timeout of the exit case would end in another one); the
+    subprocess timeout only keeps a real hang from stalling the suite."""
     env = {**os.environ, TIMEOUT: "3" if how == "hang" else "600"}
-    t0 = time.monotonic()
     done = subprocess.run([*FAULTS, "rank", "1", "3", how, "generate", str(ckpts["v2"]), "--tp", "2", "--ids",
                            "--prompt", "1 2 3", "--max-new-tokens", "20"],
-                          capture_output=True, text=True, timeout=240, env=env)
+                          capture_output=True, text=True, timeout=540, env=env)
     assert done.returncode != 0
-    assert time.monotonic() - t0 < 120
     if how == "exit":
         assert "dsq: rank 1 died (exit code 3); stopped the other ranks" in done.stderr
     else:
         assert "another rank has died or stalled (Timed out waiting 3000ms" in done.stderr
 
 
-def test_chat_tp_follows_rank_0_through_ctrl_c(ckpts):
+def test_chat_tp_follows_rank_0_through_ctrl_c(ckpts, tmp_path):
     """Rank 0 reads the terminal; the other rank follows each line, and a Ctrl-C mid-reply stops both at the
-    same step, so later turns and commands still run in step (a desync would hang or fail)."""
+    same step, so later turns and commands still run in step (a desync would hang or fail). Ctrl-C goes in
+    once a reply is seen streaming, and no reply can end by itself (no end token, a budget near a large
+    context), so only the interrupt stops it, however loaded the machine."""
     pexpect = pytest.importorskip("pexpect")
-    child = pexpect.spawn(sys.executable, ["-m", "dsq.cli.main", "chat", str(ckpts["lite"]), "--tp", "2",
-                                           "--temperature", "0", "--max-new-tokens", "3000"],
-                          timeout=120, encoding="utf-8", dimensions=(40, 200), env={**os.environ, "TERM": "dumb"})
+    model = endless(ckpts["lite"], tmp_path / "endless")
+    child = pexpect.spawn(sys.executable, ["-m", "dsq.cli.main", "chat", str(model), "--tp", "2",
+                                           "--temperature", "0", "--max-new-tokens", "32000", "--context", "32768"],
+                          timeout=300, encoding="utf-8", dimensions=(40, 200), env={**os.environ, "TERM": "dumb"})
     for line in ("Tell me a long story", "And another"):
         child.expect("> ")
         child.sendline(line)
-        child.expect(r"\S")  # streaming
+        child.expect_exact(f"{line}\r\n")  # the terminal's echo of the line; what follows is the reply
+        child.expect(r"\S")  # the first streamed text
         child.sendintr()
         child.expect("reply stopped")
     child.expect("> ")

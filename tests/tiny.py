@@ -47,3 +47,14 @@ def hf_model(path: str | Path):
     from transformers import DeepseekV2ForCausalLM
 
     return DeepseekV2ForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def endless(src: str | Path, dst: str | Path) -> Path:
+    """A copy of a model folder whose end-of-sequence id is outside the vocabulary, so that a reply can only
+    end at its token budget (what an interrupt test needs: the reply is still running when Ctrl-C lands)."""
+    import shutil
+
+    dst = Path(shutil.copytree(src, dst))
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(dict(cfg, eos_token_id=cfg["vocab_size"]), indent=2))
+    return dst

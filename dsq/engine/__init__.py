@@ -1,0 +1,9 @@
+"""The serving engine: requests, the page pool, the scheduler and the engine that drives a runner."""
+
+from dsq.engine.engine import Engine, Runner, sample
+from dsq.engine.pages import PagePool
+from dsq.engine.request import Request, SamplingParams, Status
+from dsq.engine.scheduler import Scheduler, SeqSlice, StepBatch
+
+__all__ = ["Engine", "PagePool", "Request", "Runner", "SamplingParams", "Scheduler", "SeqSlice", "Status",
+           "StepBatch", "sample"]
