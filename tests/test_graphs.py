@@ -6,10 +6,10 @@ import contextlib
 import copy
 
 import torch
-from tiny import make_tiny
+from tiny import make_tiny, rows_of
 
 import dsq
-from dsq.cache import PagedCache
+from dsq.cache import Attention, LatentCache
 from dsq.graphs import GraphDecoder, bucket
 
 
@@ -24,7 +24,7 @@ class Graph:
     replay = None
 
 
-def stub_cuda(monkeypatch, cache: PagedCache) -> None:
+def stub_cuda(monkeypatch, cache: LatentCache) -> None:
     """torch.cuda as GraphDecoder uses it. Capture records kernels without running them, so the stubbed
     capture runs the step and then puts every cache byte back: only the eager warm-up writes, as on a GPU."""
 
@@ -44,12 +44,11 @@ def stub_cuda(monkeypatch, cache: PagedCache) -> None:
     monkeypatch.setattr(torch.cuda, "graph", capture)
 
 
-def live_bytes(cache: PagedCache, lens: list[int]) -> list[torch.Tensor]:
+def live_bytes(cache: LatentCache, tables: list[list[int]], lens: list[int]) -> list[torch.Tensor]:
     """Every cached tensor at the positions sequence i owns (0..lens[i]-1), all layers."""
-    out = []
+    out, size = [], cache.page_size
     for i, n in enumerate(lens):
-        pos = torch.arange(n)
-        slots = cache.block_table[i, pos // cache.block_size].long() * cache.block_size + pos % cache.block_size
+        slots = torch.tensor([tables[i][p // size] * size + p % size for p in range(n)])
         out += [t.view(-1, t.shape[-1])[slots].clone() for pool in cache.pools for t in pool if t is not None]
     return out
 
@@ -59,31 +58,35 @@ def test_warm_up_leaves_the_live_cache_alone_and_decodes_as_eager(tmp_path, monk
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (11, 5, 8)]  # a bucket of 4 rows
     lens, new = torch.tensor([len(p) for p in prompts]), 6
-    rows = bucket(len(prompts))
-    cache = net.new_cache(rows, int(lens.max()) + new)
-    tokens = torch.zeros(len(prompts), int(lens.max()), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p)
-    pos = torch.arange(tokens.shape[1]).expand_as(tokens)
-    first = net(tokens, pos, cache, last=lens - 1).argmax(-1)
-    before = live_bytes(cache, lens.tolist())
+    rows, size = bucket(len(prompts)), 16
+    tables = rows_of(-(-(int(lens.max()) + new) // size), rows)
+    cache = net.new_cache(rows * len(tables[0]), size)
+    n = lens.tolist()
+    seqs = [(sum(n[:i]), n[i], n[i], tables[i]) for i in range(len(n))]
+    slots = [tables[i][p // size] * size + p % size for i in range(len(n)) for p in range(n[i])]
+    pos = torch.cat([torch.arange(k) for k in n])
+    last = torch.tensor([sum(n[:i + 1]) - 1 for i in range(len(n))])
+    flat = torch.tensor([t for p in prompts for t in p])
+    first = net(flat, pos, Attention.build(cache, seqs, slots, "cpu"), last).argmax(-1)
+    before = live_bytes(cache, tables, n)
     eager_cache = copy.deepcopy(cache)
 
     stub_cuda(monkeypatch, cache)
-    decode = GraphDecoder(net, cache, rows, lens)
+    decode = GraphDecoder(net, cache, torch.tensor(tables, dtype=torch.int32), lens)
 
     def replay() -> None:
         with torch.inference_mode():
             decode.logits.copy_(decode._step())
 
     decode.graph.replay = replay
-    after = live_bytes(cache, lens.tolist())
+    after = live_bytes(cache, tables, n)
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), "the warm-up overwrote a cached token"
 
     graphed, eager = [first], [first]
     for step in range(new - 1):
-        at = (lens + step)[:, None]
-        graphed.append(decode(graphed[-1][:, None], at).argmax(-1))
-        last = torch.zeros_like(lens)
-        eager.append(net(eager[-1][:, None], at, eager_cache, absorb=True, last=last).argmax(-1))
+        at = lens + step
+        graphed.append(decode(graphed[-1], at).argmax(-1))
+        seqs = [(i, 1, int(at[i]) + 1, tables[i]) for i in range(len(n))]
+        slots = [tables[i][int(at[i]) // size] * size + int(at[i]) % size for i in range(len(n))]
+        eager.append(net(eager[-1], at, Attention.build(eager_cache, seqs, slots, "cpu")).argmax(-1))
     assert torch.equal(torch.stack(graphed), torch.stack(eager))
