@@ -19,7 +19,7 @@ from rich.console import Console
 from tiny import V2, endless, make_tiny
 
 import dsq
-import dsq.generate
+import dsq.engine.engine
 import dsq.quant
 from dsq.cache import bytes_per_token
 from dsq.checkpoint import Checkpoint
@@ -39,7 +39,7 @@ NEW = 8
 SAMPLING = dict(temperature=1.0, top_p=0.9, seed=5)
 CLI = [sys.executable, "-m", "dsq.cli.main"]
 FAULTS = [sys.executable, str(Path(__file__).with_name("faults.py"))]  # the CLI with a fault injected
-REAL_SAMPLE, REAL_ACT_QUANT = dsq.generate.sample, dsq.quant.fp8_quantize_act
+REAL_SAMPLE, REAL_ACT_QUANT = dsq.engine.engine.sample, dsq.quant.fp8_quantize_act
 UNEVEN = dict(n_routed_experts=6, n_group=3, topk_group=2, num_attention_heads=6, hidden_size=96,
               intermediate_size=345, vocab_size=1001)  # 4 ranks: 2/2/1/1 experts and heads, 87/86/86/86 columns
 BLOCKY = dict(hidden_size=128, num_attention_heads=8, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64,
@@ -59,8 +59,8 @@ def run(path: Path, world: int) -> dict:
     tokens with the logits each step chose from, and sampled tokens of a ragged batch."""
     m = dsq.load_quantized(path, tp=world, kv_cache_dtype="fp32")
     seen = []
-    record = lambda logits, s, g=None: (seen.append(logits.clone()), REAL_SAMPLE(logits, s, g))[1]
-    with mock.patch.object(dsq.generate, "sample", record):
+    record = lambda logits, *rows: (seen.append(logits.clone()), REAL_SAMPLE(logits, *rows))[1]
+    with mock.patch.object(dsq.engine.engine, "sample", record):
         greedy = m.generate(PROMPTS, max_new_tokens=NEW)
     with mock.patch.object(dsq.quant, "fp8_quantize_act", unrounded):
         logits_unrounded = m.logits(IDS)
