@@ -155,6 +155,9 @@ ROWS = [
     ("lie-heads", False, config(num_attention_heads=8, num_key_value_heads=8), LOAD, "kv_b_proj.weight has shape"),
     ("lie-layers", False, config(num_hidden_layers=30), LOAD, "holds 3 layers, config.json says num_hidden_layers=30"),
     ("lie-experts", False, config(n_routed_experts=64), LOAD, "layer 1 holds 8 routed experts"),
+    # --tp checked against the model before any rank is spawned (issue 11 point 6)
+    ("tp-over-heads", False, lambda folder: None, ((*GEN, "--tp", "64"),),
+     "--tp 64: cannot split 4 attention heads over 64 ranks; use fewer ranks"),
 ]
 SUBPROCESS = {"cfg-vocab-1e12": GEN, "shard-dev-zero": QUANTIZE, "header-length": INSPECT}  # under LIMIT
 
