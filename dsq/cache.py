@@ -9,6 +9,7 @@ continues a cache expands them per head (`latents`)."""
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -30,6 +31,19 @@ def bytes_per_token(cfg: Config, kv_cache_dtype: str) -> int:
     return cfg.num_hidden_layers * cache_bytes_per_token(kv_cache_dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
 
 
+def available_memory() -> int:
+    """Bytes of memory this machine can give without swapping: MemAvailable of /proc/meminfo on Linux, else
+    the free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 class PagedCache:
     def __init__(self, cfg: Config, batch: int, max_len: int, kv_cache_dtype: str = "fp8",
                  device: torch.device | str = "cpu", backend: str = "torch", block_size: int = 64):
@@ -37,6 +51,13 @@ class PagedCache:
             raise DsqError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
         self.kv_cache_dtype, self.backend, self.max_len, self.block_size = kv_cache_dtype, backend, max_len, block_size
         per_seq = math.ceil(max_len / block_size)
+        if torch.device(device).type == "cpu":  # a GPU's cache is sized by the memory planner (dsq.memory)
+            need, free = batch * per_seq * block_size * bytes_per_token(cfg, kv_cache_dtype), available_memory()
+            if need > free:
+                smaller = "" if kv_cache_dtype == "fp8" else ", or kv_cache_dtype='fp8' (the smallest)"
+                raise DsqError(f"a {kv_cache_dtype} latent cache of {batch} x {max_len:,} tokens needs "
+                               f"{need / 1e9:,.1f} GB, more than the {free / 1e9:,.1f} GB of memory available; "
+                               f"give a shorter context (--context, max_seq_len) or fewer prompts{smaller}")
         self.block_table = torch.arange(batch * per_seq, dtype=torch.int32, device=device).view(batch, per_seq)
         self.pools = [alloc_pool(batch * per_seq, block_size, kv_cache_dtype, device, cfg.kv_lora_rank,
                                  cfg.qk_rope_head_dim) for _ in range(cfg.num_hidden_layers)]
