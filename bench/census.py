@@ -218,15 +218,18 @@ def build(model_name: str, layers: int):
             t.fill_(1.0)
         else:
             t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+    net.prepare()
     return net
 
 
 def ideal_bytes(net, census: Census, batch: int, context: int) -> dict[str, int]:
     """Per layer: every weight of it read once (routed experts: the ones the step used) and the cache in use."""
+    from dsq.loader import checkpoint_tensors
+
     out = {}
     for i, block in enumerate(net.model.layers):
         total = 0
-        for name, t in [*block.named_parameters(), *block.named_buffers()]:
+        for name, t in checkpoint_tensors(block).items():  # the ideal reads kv_b, not W_UK / W_UV made from it
             nbytes = t.numel() * t.element_size()
             if ".experts." in f".{name}" and t.dim() >= 2:
                 routed = census.routed_by_layer.get(f"layer {i}", set())

@@ -56,6 +56,7 @@ def build(preset: str, quantized: bool, device: str):
     net.to_empty(device=device)
     net.init_rope()
     fill_random(net)
+    net.prepare()
     return net.eval()
 
 

@@ -40,11 +40,16 @@ def unstacked(name: str, expert: int | None) -> str:
     return f"{experts}.experts.{expert}.{rest}"
 
 
+def checkpoint_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's tensors that come from a checkpoint: its parameters and persistent buffers (not those
+    derived at load, such as the rope frequencies and the absorbed attention weights)."""
+    persistent = model.state_dict(keep_vars=True).keys()
+    return {n: t for n, t in [*model.named_parameters(), *model.named_buffers()] if n in persistent}
+
+
 def tensor_names(model: Transformer) -> Iterator[tuple[str, int | None, torch.Tensor]]:
     """(the model's name, expert slot or None, tensor) of every checkpoint tensor the model holds."""
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if name == "inv_freq":
-            continue
+    for name, t in checkpoint_tensors(model).items():
         if ".experts." in name:
             yield from ((name, e, t[e]) for e in range(t.shape[0]))
         else:
@@ -118,14 +123,14 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype, rank: int
     model.to_empty(device=device)
     model.init_rope()
     load_tensors(model, ckpt, device, convert=quantize is not None)
+    model.prepare()
     return model.eval()
 
 
 def load_tensors(model: Transformer, ckpt: Checkpoint, device: torch.device, convert: bool = False) -> None:
     """Copy every checkpoint tensor (this rank's slice of it) into its slot; name the missing, unexpected
     and misshapen ones. With `convert`, a float weight of a quantized module is quantized on `device` first."""
-    targets = dict(model.named_parameters()) | dict(model.named_buffers())
-    targets.pop("inv_freq")
+    targets = checkpoint_tensors(model)
     pending = {n: set(range(model.get_submodule(n.rsplit(".", 2)[0]).n_experts)) if ".experts." in n else None
                for n in targets}
     unexpected = []

@@ -13,7 +13,7 @@ from dsq.config import Config
 from dsq.errors import DsqError
 from dsq.formats import Scheme
 from dsq.loader import tensor_names, unstacked
-from dsq.model import Transformer
+from dsq.model import MLA, Transformer
 from dsq.parallel import Dist, shard_plan
 
 GB = 1e9
@@ -23,13 +23,16 @@ def weight_bytes(cfg: Config, scheme: Scheme | None = None, dtype: torch.dtype =
                  rank: int = 0) -> dict[str, int]:
     """Bytes of weights by role (attention, dense, shared, experts, router, norm, embed, head) that `rank` of a
     `world`-rank job holds in `scheme`'s formats (None: unquantized, in `dtype`): the model the loader would
-    fill, built on the meta device, so no arithmetic of its own can drift from what load_quantized allocates."""
+    fill, built on the meta device, so no arithmetic of its own can drift from what load_quantized allocates.
+    Attention includes the absorbed path's W_UK / W_UV, laid out from kv_b at load (dsq.model.MLA)."""
     with torch.device("meta"):
         model = Transformer(cfg, dtype, Dist(shard_plan(cfg, world, scheme), rank), scheme)
     out: dict[str, int] = {}
     for name, expert, t in tensor_names(model):
         r = role(unstacked(name, expert))
         out[r] = out.get(r, 0) + t.numel() * t.element_size()
+    prepared = [t for m in model.modules() if isinstance(m, MLA) for t in (m.w_uk, m.w_uv)]
+    out["attention"] = out.get("attention", 0) + sum(t.numel() * t.element_size() for t in prepared)
     return out
 
 

@@ -59,7 +59,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class MLA(nn.Module):
     """Multi-head latent attention. Naive path (prefill): expand K/V per head from the latent.
-    Absorbed path (decode): fold W_UK into the query and W_UV after attention, attending the latent cache."""
+    Absorbed path (decode): fold W_UK into the query and W_UV after attention, attending the latent cache
+    (DeepSeek-V2 paper, section 2.1.2). W_UK [H, P, C] and W_UV [H, V, C] are kv_b's rows per head, laid out
+    once in the model dtype by `prepare` after loading, so a decode step reads them and dequantizes nothing."""
 
     def __init__(self, cfg: Config, build: Build, dist: Dist, name: str):
         super().__init__()
@@ -82,6 +84,17 @@ class MLA(nn.Module):
                                       self.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
         # row-parallel: a partial sum over this rank's heads
         self.o_proj = build.linear(f"{name}.o_proj", self.n_heads * cfg.v_head_dim, d)
+        # derived from kv_b_proj, not checkpoint tensors: non-persistent, out of the state dict
+        lat = (self.n_heads, cfg.kv_lora_rank)
+        self.register_buffer("w_uk", torch.empty(lat[0], cfg.qk_nope_head_dim, lat[1], dtype=dtype), persistent=False)
+        self.register_buffer("w_uv", torch.empty(lat[0], cfg.v_head_dim, lat[1], dtype=dtype), persistent=False)
+
+    def prepare(self) -> None:
+        """Lay out W_UK and W_UV from this rank's kv_b_proj rows (its heads); call once its tensors are in."""
+        w = self.kv_b_proj.dequantize().view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
+        uk, uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        self.w_uk.copy_(uk)
+        self.w_uv.copy_(uv)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: PagedCache | None, layer: int, absorb: bool) -> torch.Tensor:
@@ -120,12 +133,9 @@ class MLA(nn.Module):
         return o.transpose(1, 2)
 
     def _absorbed(self, q_nope, q_pe, pos, cache: PagedCache, layer: int) -> torch.Tensor:
-        nope = self.qk_nope_head_dim
-        w = self.kv_b_proj.dequantize().view(self.n_heads, nope + self.v_head_dim, self.kv_lora_rank).float()
-        w_uk, w_uv = w[:, :nope], w[:, nope:]
-        q_lat = torch.einsum("bthp,hpc->bthc", q_nope.float(), w_uk)
-        o_lat = cache.attend(layer, q_lat, q_pe, pos, self.scale)
-        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv).to(q_nope.dtype)
+        q_lat = torch.einsum("bthp,hpc->bthc", q_nope, self.w_uk)
+        o_lat = cache.attend(layer, q_lat, q_pe, pos, self.scale)  # fp32
+        return torch.einsum("bthc,hvc->bthv", o_lat.to(self.w_uv.dtype), self.w_uv)
 
 
 class Gate(nn.Module):
@@ -266,6 +276,11 @@ class Transformer(nn.Module):
     def init_rope(self) -> None:
         """Fill the rope frequencies (buffers are empty after building on the meta device)."""
         self.inv_freq.copy_(rope_frequencies(self.cfg))
+
+    def prepare(self) -> None:
+        """What is derived from the loaded tensors: each layer's absorbed-attention weights."""
+        for layer in self.model.layers:
+            layer.self_attn.prepare()
 
     def new_cache(self, batch: int, max_len: int) -> PagedCache:
         return PagedCache(self.cfg, batch, max_len, self.kv_cache_dtype, self.inv_freq.device, self.backend)
