@@ -41,7 +41,7 @@ def locked(out: Path) -> Iterator[None]:
     path = out / LOCK
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
             raise _refuse(out, e) from None
         try:

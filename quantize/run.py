@@ -142,7 +142,11 @@ def _run(ckpt: Checkpoint, src: str | Path, revision: str | None, out: Path, hf_
                         bar.update(job, completed=done_in,
                                    tensors=f"{len(tasks) - len(todo) + converted}/{len(tasks)}")
                 if commit is not None:
-                    commit.result()
+                    try:
+                        commit.result()
+                    except BaseException:  # the previous shard failed: this one will not be committed either
+                        writer.abort()
+                        raise
                 commit = committer.submit(finish_shard, writer, errors)
             if commit is not None:
                 commit.result()

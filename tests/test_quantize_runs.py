@@ -107,6 +107,16 @@ def test_the_lock_of_a_dead_run_is_taken_over(src, tmp_path):
     assert not (out / LOCK).exists()
 
 
+def test_a_lock_that_is_a_symlink_is_not_followed(src, tmp_path):
+    out, target = tmp_path / "out", tmp_path / "precious.txt"
+    out.mkdir()
+    target.write_text("keep me")
+    (out / LOCK).symlink_to(target)
+    code, _, err = cli(str(src), str(out))
+    assert code == 1 and len(err.strip().splitlines()) == 1 and f"{out}: cannot write the output folder" in err, err
+    assert target.read_text() == "keep me"
+
+
 # --- a changed source -----------------------------------------------------------------------------------------
 def test_resume_redoes_the_shards_of_a_changed_source_file(copy, tmp_path):
     """Rewriting one source file (same size: only its values and mtime change) makes a re-run redo exactly
@@ -138,7 +148,7 @@ def test_a_source_touched_during_the_run_is_not_committed(copy, tmp_path, monkey
     code, _, err = cli(str(copy), str(out))
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert f"{first}: changed during the run" in err and "run the same command again" in err, err
-    assert not hashes(out) and not (out / LOCK).exists()
+    assert not hashes(out) and not list(out.glob("*tmp")) and not (out / LOCK).exists()
     monkeypatch.undo()
     assert quantize(copy, out, **QUIET).resumed == 0
     quantize(copy, tmp_path / "fresh", **QUIET)
