@@ -53,6 +53,9 @@ def quantize(
 
     if fp8_scales not in ("channel", "block"):
         raise DsqError(f"--fp8-scales {fp8_scales!r}: not one of channel, block")
+    if asymmetric and experts != "int4":  # zero points exist only in the INT4 format
+        raise DsqError(f"--asymmetric: applies to INT4 experts only, not --experts {experts}; drop it or use "
+                       "--experts int4")
     opts = Options(experts=experts, shared=shared, dense=dense, attention=attention, head=lm_head,
                    group_size=group_size, symmetric=not asymmetric, clip_search=clip_search,
                    fp8_block=fp8_scales == "block", keep_dtype=keep_dtype)

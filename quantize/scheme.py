@@ -56,9 +56,6 @@ class Options:
                 raise DsqError(f"{flag(role)} {getattr(self, role)!r}: not one of {', '.join(allowed)}")
         if self.group_size not in GROUP_SIZES:
             raise DsqError(f"--group-size {self.group_size}: not one of {', '.join(map(str, GROUP_SIZES))}")
-        if not self.symmetric and self.experts != "int4":
-            raise DsqError(f"--asymmetric: applies to INT4 experts only, not --experts {self.experts}; drop it "
-                           "or use --experts int4")
 
     def to_dict(self) -> dict:
         return asdict(self)
