@@ -143,8 +143,8 @@ FP8_CASES = [  # m, n, k, block, forced config
     (20, 150, 344, False, GemmConfig(16, 64, 128, 1)),
     (20, 150, 344, True, GemmConfig(16, 64, 128, 2)),
     (40, 130, 200, False, GemmConfig(32, 32, 64, 1)),  # channel scales allow any K step
-    (5, 150, 344, False, GemmConfig(16, 32, 128, 3)),  # in-kernel per-token quantization, split K
-    (7, 100, 344, True, GemmConfig(16, 16, 128, 2)),  # in-kernel per-group quantization, split K
+    (5, 150, 344, False, GemmConfig(16, 32, 128, 3)),  # decode tiles, per-token scales, split K
+    (7, 100, 344, True, GemmConfig(16, 16, 128, 2, stages=13)),  # decode pipeline, per-group scales, split K
 ]
 
 
