@@ -30,7 +30,7 @@ HIDDEN, HEADS, NOPE, ROPE, V_DIM, KV_LORA = 2048, 16, 128, 64, 128, 512
 DENSE, MOE, EXPERTS, TOP_K, SHARED = 10944, 1408, 64, 6, 2
 DECODE_M = (1, 8, 16, 32, 64)  # the CUDA-graph batch buckets a decode step runs at
 PREFILL_M = (512, 4096)  # a prefill chunk (generate's default chunk is 4096 tokens)
-CONTEXTS = (512, 4096, 32768)  # cache lengths: 1 KV split, a few, many
+CONTEXTS = (32, 4096, 32768)  # cache lengths: one 32-token tile (1 KV split), a few splits, many
 
 KERNELS = {"_act_quant_kernel", "_fp8_gemm_kernel", "_int4_gemm_kernel", "_splitk_reduce_kernel", "_moe_kernel",
            "_cache_write_kernel", "_decode_kernel", "_reduce_kernel"}
