@@ -87,6 +87,7 @@ def add_rms_norm(
     total = flat if res is None else torch.empty_like(flat)
     out = torch.empty_like(flat)
     g = group or 0
+    assert g & (g - 1) == 0, f"the quantization group must be a power of two, got {group}"
     block = max(triton.next_power_of_2(k), triton.next_power_of_2(g))
     q = torch.empty(m, k, dtype=FP8, device=x.device) if quant else None
     scale = torch.empty(m, triton.cdiv(k, g) if g else 1, dtype=torch.float32, device=x.device) if quant else None
