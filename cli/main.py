@@ -184,9 +184,11 @@ def generate(
     use_threads(threads, tp)
     folder, _ = model_config(model, revision)
     from dsq import load_quantized
-    from dsq.launch import launch
+    from dsq.launch import check_tp, launch
     from dsq.tokenizer import TextStream
 
+    if tp > 1:
+        check_tp(tp, folder, device)
     if tp > 1 and launch(tp, generate, params):  # ran this command on tp ranks; rank 0 printed
         return
     with console.status("loading model"):
@@ -244,10 +246,12 @@ def chat(
     from dsq import load_quantized
     from dsq.chat import ChatConsole, run_chat
     from dsq.generate import Sampling
-    from dsq.launch import launch, terminal
+    from dsq.launch import check_tp, launch, terminal
     from dsq.tokenizer import Tokenizer
 
     sampling = Sampling(temperature, top_k, top_p)
+    if tp > 1:
+        check_tp(tp, folder, device)
     if tp > 1 and launch(tp, chat, params):  # ran this command on tp ranks; rank 0 read and printed
         return
     with console.status("loading model"):

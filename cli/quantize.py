@@ -53,12 +53,20 @@ def quantize(
 
     if fp8_scales not in ("channel", "block"):
         raise DsqError(f"--fp8-scales {fp8_scales!r}: not one of channel, block")
+    if asymmetric and experts != "int4":  # zero points exist only in the INT4 format
+        raise DsqError(f"--asymmetric: applies to INT4 experts only, not --experts {experts}; drop it or use "
+                       "--experts int4")
     opts = Options(experts=experts, shared=shared, dense=dense, attention=attention, head=lm_head,
                    group_size=group_size, symmetric=not asymmetric, clip_search=clip_search,
                    fp8_block=fp8_scales == "block", keep_dtype=keep_dtype)
     console = Console()
-    report = run(src, out, opts, revision=revision, shard_size=parse_size(shard_size), device=device, force=force,
-                 console=console)
+    try:
+        report = run(src, out, opts, revision=revision, shard_size=parse_size(shard_size), device=device,
+                     force=force, console=console)
+    except KeyboardInterrupt:  # every finished shard is kept: the same command picks up from there
+        Console(stderr=True).print(f"[yellow]interrupted:[/] the finished shards in {out} are kept; run the same "
+                                   "command again to resume", soft_wrap=True, highlight=False)
+        raise typer.Exit(130) from None
     console.print(report.table())
     for warning in reader_warnings(opts):
         console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True, highlight=False)

@@ -19,6 +19,7 @@ from dsq.layers import BACKENDS
 from dsq.loader import load_model, read_config
 from dsq.memory import MemoryPlan, memory_plan, weight_bytes
 from dsq.model import Transformer
+from dsq.parallel import shard_plan
 from dsq.tokenizer import TextStream, Tokenizer
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -52,12 +53,9 @@ def load_quantized(
     checkpoint while loading it, tensor by tensor on the target device, for users who skip the offline step."""
     if options:
         raise DsqError(f"unknown option(s) {', '.join(sorted(options))} for load_quantized")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DsqError("device cuda: no CUDA GPU is visible; use device='cpu'")
-    if tp < 1:
-        raise DsqError(f"tp must be >= 1, got {tp}")
-    rank, device = init(tp, device) if tp > 1 else (0, device)
+    device = check_device(device)
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise DsqError(f"tp={tp!r}: give an integer >= 1 (the number of ranks)")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise DsqError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -72,6 +70,13 @@ def load_quantized(
         raise DsqError(f"quantize={quantize!r} is not one of {', '.join(SCHEMES)}")
     scheme = Scheme.by_role(SCHEMES[quantize], f"quantize={quantize!r}") if quantize else None
     folder = resolve(path_or_repo, revision)
+    if tp > 1:  # every rank refuses a split the model cannot take at once, not after waiting for the others
+        cfg, declared = read_config(folder)
+        try:
+            shard_plan(cfg, tp, scheme or declared)
+        except DsqError as e:
+            raise DsqError(f"tp={tp}: {e}") from None
+    rank, device = init(tp, device) if tp > 1 else (0, device)
     fits = check_fits(folder, device, dtype, kv_cache_dtype, gpu_memory_utilization, max_seq_len or 4096, rank, tp,
                       scheme) if device.type == "cuda" else None
     net = load_model(folder, device, dtype, rank, tp, scheme, backend=backend, kv_cache_dtype=kv_cache_dtype,
@@ -79,6 +84,29 @@ def load_quantized(
     tokenizer = Tokenizer(folder) if (folder / "tokenizer.json").exists() else None
     graphs = cuda_graphs and device.type == "cuda" and backend == "triton" and tp == 1
     return Model(net, tokenizer, folder, max_seq_len, graphs)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device `device` names, if dsq runs there: cpu, cuda or cuda:N of a visible GPU."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise DsqError(f"device={device!r}: dsq runs on 'cpu', 'cuda' or 'cuda:N'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DsqError(f"device={device!r}: no CUDA GPU is visible; use device='cpu'")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DsqError(f"device={device!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+    return dev
+
+
+def check_sampling(seed: int | None, stop: list[str] | None) -> None:
+    """The arguments of generate and chat that torch or the stop test would take badly."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise DsqError(f"seed={seed!r}: give an integer in [0, 2**63)")
+    if stop is not None and (isinstance(stop, str) or any(not isinstance(s, str) or not s for s in stop)):
+        raise DsqError(f"stop={stop!r}: give a list of non-empty strings (an empty one would stop at once)")
 
 
 def check_fits(folder: Path, device: torch.device, dtype: torch.dtype, kv_cache_dtype: str, utilization: float,
@@ -185,6 +213,7 @@ class Model:
         """Complete one prompt or a batch: token ids in, token ids out; text in, text out (needs a tokenizer).
         Greedy at temperature 0; stops at eos, at any `stop` string (cut from the text), or after
         max_new_tokens. `on_token(i, token_id)` streams every new token of prompt i."""
+        check_sampling(seed, stop)
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         batch = [prompts] if single else list(prompts)
         text = bool(batch) and isinstance(batch[0], str)
@@ -210,6 +239,7 @@ class Model:
              top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
              seed: int | None = None) -> Iterator[str]:
         """Stream the assistant's reply to a conversation ([{"role": ..., "content": ...}]) as text pieces."""
+        check_sampling(seed, stop)
         if self.tokenizer is None:
             raise DsqError(f"{self.folder}: no tokenizer.json, so chat is not possible")
         ids = self.tokenizer.encode_chat(messages)

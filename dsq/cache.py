@@ -11,6 +11,7 @@ expands them per head (`Attention.latents`). Which pages a sequence owns is the 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,19 @@ def bytes_per_token(cfg: Config, kv_cache_dtype: str) -> int:
     return cfg.num_hidden_layers * cache_bytes_per_token(kv_cache_dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
 
 
+def available_memory() -> int:
+    """Bytes of memory this machine can give without swapping: MemAvailable of /proc/meminfo on Linux, else
+    the free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 class LatentCache:
     """The page pools of every layer: `num_pages` pages of `page_size` slots; slot = page * page_size + offset."""
 
@@ -43,6 +57,13 @@ class LatentCache:
             raise DsqError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
         self.kv_cache_dtype, self.backend = kv_cache_dtype, backend
         self.num_pages, self.page_size = num_pages, page_size
+        if torch.device(device).type == "cpu":  # a GPU's cache is sized by the memory planner (dsq.memory)
+            need, free = num_pages * page_size * bytes_per_token(cfg, kv_cache_dtype), available_memory()
+            if need > free:
+                smaller = "" if kv_cache_dtype == "fp8" else ", or kv_cache_dtype='fp8' (the smallest)"
+                raise DsqError(f"a {kv_cache_dtype} latent cache of {num_pages * page_size:,} tokens needs "
+                               f"{need / 1e9:,.1f} GB, more than the {free / 1e9:,.1f} GB of memory available; "
+                               f"give a shorter context (--context, max_seq_len) or fewer sequences{smaller}")
         self.pools = [alloc_pool(num_pages, page_size, kv_cache_dtype, device, cfg.kv_lora_rank,
                                  cfg.qk_rope_head_dim) for _ in range(cfg.num_hidden_layers)]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dsq.errors import DsqError
+from dsq.fields import CAPS, check_quantization_config, read_bool, read_float, read_int, rope_dict
 
 
 @dataclass(frozen=True)
@@ -126,12 +127,12 @@ class Config:
         check_quantization_config(hf.get("quantization_config"), refuse)
 
         def size(name: str, default: int | None = None, lo: int = 1) -> int:
-            return _int(hf, name, lo, CAPS[name], default, refuse)
+            return read_int(hf, name, lo, CAPS[name], default, refuse)
 
         vocab = size("vocab_size")
         layers = size("num_hidden_layers")
         experts = size("n_routed_experts", 0, lo=0)
-        rope = _rope_dict(hf, refuse)
+        rope = rope_dict(hf, refuse)
         eos = hf.get("eos_token_id")
         if isinstance(eos, list):
             if not eos:
@@ -151,21 +152,21 @@ class Config:
             v_head_dim=size("v_head_dim"),
             n_routed_experts=experts,
             n_shared_experts=size("n_shared_experts", 0, lo=0),
-            num_experts_per_tok=_int(hf, "num_experts_per_tok", 0, max(experts, 0), 0, refuse),
-            first_k_dense_replace=_int(hf, "first_k_dense_replace", 0, layers, 0, refuse),
-            moe_layer_freq=_int(hf, "moe_layer_freq", 1, layers, 1, refuse),
+            num_experts_per_tok=read_int(hf, "num_experts_per_tok", 0, max(experts, 0), 0, refuse),
+            first_k_dense_replace=read_int(hf, "first_k_dense_replace", 0, layers, 0, refuse),
+            moe_layer_freq=read_int(hf, "moe_layer_freq", 1, layers, 1, refuse),
             topk_method=topk_method,
-            n_group=_int(hf, "n_group", 1, max(experts, 1), 1, refuse),
-            topk_group=_int(hf, "topk_group", 1, max(experts, 1), 1, refuse),
-            norm_topk_prob=_bool(hf, "norm_topk_prob", False, refuse),
-            routed_scaling_factor=_float(hf, "routed_scaling_factor", 0.0, 1e4, 1.0, refuse),
-            rms_norm_eps=_float(hf, "rms_norm_eps", 0.0, 1.0, 1e-6, refuse),
-            rope_theta=_float(rope if "rope_theta" in rope else hf, "rope_theta", 0.0, 1e12, 10000.0, refuse),
+            n_group=read_int(hf, "n_group", 1, max(experts, 1), 1, refuse),
+            topk_group=read_int(hf, "topk_group", 1, max(experts, 1), 1, refuse),
+            norm_topk_prob=read_bool(hf, "norm_topk_prob", False, refuse),
+            routed_scaling_factor=read_float(hf, "routed_scaling_factor", 0.0, 1e4, 1.0, refuse),
+            rms_norm_eps=read_float(hf, "rms_norm_eps", 0.0, 1.0, 1e-6, refuse),
+            rope_theta=read_float(rope if "rope_theta" in rope else hf, "rope_theta", 0.0, 1e12, 10000.0, refuse),
             rope_scaling=_parse_rope(hf, refuse),
             max_position_embeddings=size("max_position_embeddings", 163840),
-            bos_token_id=_int(hf, "bos_token_id", 0, CAPS["vocab_size"], 100000, refuse),
-            eos_token_id=_int({"eos_token_id": eos}, "eos_token_id", 0, CAPS["vocab_size"], 100001, refuse),
-            tie_word_embeddings=_bool(hf, "tie_word_embeddings", False, refuse),
+            bos_token_id=read_int(hf, "bos_token_id", 0, CAPS["vocab_size"], 100000, refuse),
+            eos_token_id=read_int({"eos_token_id": eos}, "eos_token_id", 0, CAPS["vocab_size"], 100001, refuse),
+            tie_word_embeddings=read_bool(hf, "tie_word_embeddings", False, refuse),
         )
         cfg.validate(refuse)
         return cfg
@@ -208,53 +209,6 @@ class Config:
 _REQUIRED = ["vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
              "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"]
 
-# Upper bounds on the sizes dsq reads: 4-16x the largest published DeepSeek model (V3: vocab 129,280,
-# hidden 7,168, 61 layers, 128 heads, q_lora 1,536, kv_lora 512, head dims 128, 256 routed experts of
-# 2,048, dense 18,432, context 163,840), so every real config passes and a typo'd or hostile one is
-# refused before it allocates terabytes or loops for minutes.
-CAPS = {
-    "vocab_size": 1 << 20, "hidden_size": 1 << 15, "intermediate_size": 1 << 17, "moe_intermediate_size": 1 << 15,
-    "num_hidden_layers": 1 << 10, "num_attention_heads": 1 << 10, "q_lora_rank": 1 << 14, "kv_lora_rank": 1 << 13,
-    "qk_nope_head_dim": 1 << 10, "qk_rope_head_dim": 1 << 10, "v_head_dim": 1 << 10, "n_routed_experts": 1 << 12,
-    "n_shared_experts": 1 << 6, "max_position_embeddings": 1 << 24,
-}
-
-
-def _int(hf: dict[str, Any], name: str, lo: int, hi: int, default: int | None,
-         refuse: Callable[[str], DsqError]) -> int:
-    """hf[name] (`default` when absent or null, if there is one), which must be an integer in [lo, hi]."""
-    value = hf.get(name)
-    value = default if value is None and default is not None else value
-    if type(value) is not int or not lo <= value <= hi:  # bool and float sizes are refused too
-        raise refuse(f"{name} must be an integer in [{lo}, {hi:,}], got {value!r}")
-    return value
-
-
-def _float(hf: dict[str, Any], name: str, lo: float, hi: float, default: float,
-           refuse: Callable[[str], DsqError], zero: bool = False) -> float:
-    """hf[name] (or `default`), which must be a number in (lo, hi] ([lo, hi] with `zero`); NaN fails both."""
-    value = hf.get(name, default)
-    if type(value) not in (int, float) or not (lo <= value if zero else lo < value) or not value <= hi:
-        raise refuse(f"{name} must be a number in {'[' if zero else '('}{lo:g}, {hi:g}], got {value!r}")
-    return float(value)
-
-
-def _bool(hf: dict[str, Any], name: str, default: bool, refuse: Callable[[str], DsqError]) -> bool:
-    value = hf.get(name, default)
-    if not isinstance(value, bool):
-        raise refuse(f"{name} must be true or false, got {value!r}")
-    return value
-
-
-def _rope_dict(hf: dict[str, Any], refuse: Callable[[str], DsqError]) -> dict[str, Any]:
-    """Published configs carry `rope_scaling` + `rope_theta`; transformers 5 writes `rope_parameters`."""
-    name = "rope_parameters" if hf.get("rope_parameters") is not None else "rope_scaling"
-    rope = hf.get(name) or {}
-    if not isinstance(rope, dict):
-        raise refuse(f"{name} must be an object or null, got {type(rope).__name__}")
-    return rope
-
-
 _YARN_RANGES = {  # field -> lo, hi, whether lo is allowed: the betas are positive, mscale 0 turns it off
     "factor": (1.0, 1e4, True), "beta_fast": (0.0, 1e4, False), "beta_slow": (0.0, 1e4, False),
     "mscale": (0.0, 1e2, True), "mscale_all_dim": (0.0, 1e2, True),
@@ -262,7 +216,7 @@ _YARN_RANGES = {  # field -> lo, hi, whether lo is allowed: the betas are positi
 
 
 def _parse_rope(hf: dict[str, Any], refuse: Callable[[str], DsqError]) -> Yarn | None:
-    rope = _rope_dict(hf, refuse)
+    rope = rope_dict(hf, refuse)
     kind = rope.get("rope_type") or rope.get("type") or "default"
     if kind == "default":
         return None
@@ -274,44 +228,10 @@ def _parse_rope(hf: dict[str, Any], refuse: Callable[[str], DsqError]) -> Yarn |
 
     for k, (lo, hi, zero) in _YARN_RANGES.items():
         if k in given:
-            given[k] = _float(given, k, lo, hi, 0.0, field, zero)
+            given[k] = read_float(given, k, lo, hi, 0.0, field, zero)
     if "original_max_position_embeddings" in given:
-        _int(given, "original_max_position_embeddings", 1, CAPS["max_position_embeddings"], None, field)
+        read_int(given, "original_max_position_embeddings", 1, CAPS["max_position_embeddings"], None, field)
     return Yarn(**given)
-
-
-def check_quantization_config(q: Any, refuse: Callable[[str], DsqError]) -> None:
-    """The shape of a compressed-tensors `quantization_config` as dsq reads it (the formats themselves are
-    checked where they are built, dsq.layers.linear_format)."""
-    if q is None:
-        return
-    if not isinstance(q, dict):
-        raise refuse(f"quantization_config must be an object, got {type(q).__name__}")
-    groups = q.get("config_groups", {})
-    if not isinstance(groups, dict):
-        raise refuse(f"quantization_config.config_groups must be an object, got {type(groups).__name__}")
-    for name, group in groups.items():
-        where = f"quantization_config.config_groups.{name}"
-        if not isinstance(group, dict):
-            raise refuse(f"{where} must be an object, got {type(group).__name__}")
-        targets = group.get("targets", [])
-        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-            raise refuse(f"{where}.targets must be a list of strings")
-        for part in ("weights", "input_activations"):
-            args = group.get(part)
-            if args is not None and not isinstance(args, dict):
-                raise refuse(f"{where}.{part} must be an object or null, got {type(args).__name__}")
-        weights = group.get("weights") or {}
-        for key, lo, hi in (("num_bits", 1, 16), ("group_size", 1, 1 << 16)):
-            if weights.get(key) is not None:
-                _int(weights, key, lo, hi, None, lambda m, w=where: refuse(f"{w}.weights.{m}"))
-        block = weights.get("block_structure")
-        if block is not None and (not isinstance(block, list) or len(block) != 2 or
-                                  not all(type(b) is int and 0 < b <= 1 << 16 for b in block)):
-            raise refuse(f"{where}.weights.block_structure must be two positive integers, got {block!r}")
-    ignore = q.get("ignore", [])
-    if not isinstance(ignore, list) or not all(isinstance(t, str) for t in ignore):
-        raise refuse("quantization_config.ignore must be a list of strings")
 
 
 def _preset(**kw: Any) -> Config:

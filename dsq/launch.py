@@ -27,17 +27,20 @@ import torch
 import torch.distributed as td
 
 from dsq.errors import DsqError
-from dsq.parallel import Dist, Interrupt
+from dsq.loader import read_config
+from dsq.parallel import Dist, Interrupt, shard_plan
 
 TIMEOUT = "DSQ_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks (default 600)
+START = "DSQ_START_TIMEOUT"  # seconds ranks may take to join: default 300 for ranks `launch` starts, else 3600
 
 
 # --- joining a job -------------------------------------------------------------------------------------
 def init(world: int, device: torch.device) -> tuple[int, torch.device]:
     """Join this process's rank of a `world`-rank job (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, as
     torchrun and `launch` set them), starting the default process group unless the caller already has:
-    NCCL on CUDA, gloo on CPU. Ranks may take long to start (the rendezvous waits up to an hour; a launcher
-    sees a rank that dies first), but once running a collective waits at most $DSQ_DIST_TIMEOUT s (600).
+    NCCL on CUDA, gloo on CPU. The rendezvous waits $DSQ_START_TIMEOUT s for every rank to join (an hour
+    under torchrun, whose ranks may start minutes apart; 300 s for the ranks `launch` starts here, and its
+    watchdog sees one that dies first); once running, a collective waits at most $DSQ_DIST_TIMEOUT s (600).
     Returns (rank, this rank's device: cuda means cuda:LOCAL_RANK)."""
     if td.is_initialized():
         if td.get_world_size() != world:
@@ -54,14 +57,39 @@ def init(world: int, device: torch.device) -> tuple[int, torch.device]:
             raise DsqError(f"tp={world} on cuda needs a GPU per rank; {torch.cuda.device_count()} visible")
         torch.cuda.set_device(device)
     if not td.is_initialized():
-        store, rank, size = next(td.rendezvous("env://", timeout=timedelta(hours=1)))
-        td.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=size,
-                              timeout=timedelta(seconds=timeout()), device_id=device if device.type == "cuda" else None)
+        start = float(os.environ.get(START, 3600))
+        try:
+            store, rank, size = next(td.rendezvous("env://", timeout=timedelta(seconds=start)))
+            td.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                                  world_size=size, timeout=timedelta(seconds=timeout()),
+                                  device_id=device if device.type == "cuda" else None)
+        except RuntimeError as e:  # torch's DistError and its store timeouts
+            why = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise DsqError(f"rank {os.environ.get('RANK', '?')}: the {world} ranks did not all join within "
+                           f"{START}={start:g} s ({why}); check that every rank started") from None
     return td.get_rank(), device
 
 
 def timeout() -> float:
     return float(os.environ.get(TIMEOUT, 600))
+
+
+def check_tp(world: int, folder: Path, device: str) -> None:
+    """Refuse `--tp world` before a rank is spawned: a split the model cannot take (the shard plan of its
+    config.json; no weights are read), or more ranks than there are GPUs (cuda) or CPU cores (cpu) to run
+    them, which would only start interpreters that fight over memory."""
+    cfg, scheme = read_config(folder)
+    try:
+        shard_plan(cfg, world, scheme)
+    except DsqError as e:
+        raise DsqError(f"--tp {world}: {e}") from None
+    if device.startswith("cuda"):
+        have, what = torch.cuda.device_count(), "GPU(s) are visible, one per rank"
+    else:
+        have, what = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, \
+            "CPU core(s) are available to this process"
+    if world > have:
+        raise DsqError(f"--tp {world}: only {have} {what}; use --tp {have} or fewer")
 
 
 def launch(world: int, fn: Callable[..., Any], kwargs: dict[str, Any]) -> bool:
@@ -70,18 +98,21 @@ def launch(world: int, fn: Callable[..., Any], kwargs: dict[str, Any]) -> bool:
 
     This process becomes rank 0 and keeps the terminal; ranks 1.. are spawned with stdout silenced, stderr
     kept aside and Ctrl-C ignored. When a rank exits with an error the others are killed and that rank is
-    named with the last line it wrote (so an error every rank hits is not printed once per rank)."""
+    named with the last line it wrote (so an error every rank hits is not printed once per rank). A rank
+    writes to its log from its first instruction (it inherits it as stderr), so one that fails while
+    importing is named too."""
     if "RANK" in os.environ:
         if int(os.environ["RANK"]):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
         return False
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world)}
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
+           START: os.environ.get(START, "300")}
     ctx = multiprocessing.get_context("spawn")
     logs = Path(tempfile.mkdtemp(prefix="dsq-ranks-"))
-    procs = {r: ctx.Process(target=_rank_main, args=(r, env, fn, kwargs, os.getpid(), logs / f"{r}.err"),
+    procs = {r: ctx.Process(target=_rank_main, args=(r, env, fn, kwargs, os.getpid()), name=f"dsq-rank-{r}",
                             daemon=True) for r in range(1, world)}
-    for p in procs.values():
-        p.start()
+    for r, p in procs.items():
+        _start_logged(p, logs / f"{r}.err")
     watch = _Watch(procs, logs)
     old = {k: os.environ.get(k) for k in (*env, "RANK", "LOCAL_RANK")}
     os.environ.update(env, RANK="0", LOCAL_RANK="0")
@@ -113,10 +144,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, env: dict[str, str], fn: Callable[..., Any], kwargs: dict[str, Any], parent: int,
-               log: Path) -> None:
+def _start_logged(p: multiprocessing.process.BaseProcess, log: Path) -> None:
+    """Start p with `log` as its stderr (file descriptor 2, so C++ messages too): the child inherits it at
+    exec, before it imports anything, and this process's own stderr is back right after."""
+    sys.stderr.flush()
+    saved, fd = os.dup(2), os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.dup2(fd, 2)
+        p.start()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+
+
+def _rank_main(rank: int, env: dict[str, str], fn: Callable[..., Any], kwargs: dict[str, Any], parent: int) -> None:
     """A spawned rank: rank 0 (the parent) reads input and prints; this one follows, and dies with it."""
-    os.dup2(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)  # C++ messages too
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(_threads(int(env["WORLD_SIZE"])))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -151,7 +194,10 @@ class _Watch:
         for r, p in self.procs.items():
             if p.exitcode:
                 why = f"signal {-p.exitcode}" if p.exitcode < 0 else f"exit code {p.exitcode}"
-                lines = (self.logs / f"{r}.err").read_text(errors="replace").strip().splitlines()
+                try:
+                    lines = (self.logs / f"{r}.err").read_text(errors="replace").strip().splitlines()
+                except OSError:  # an unreadable log must not kill the watchdog, or rank 0 waits on a dead rank
+                    lines = []
                 last = f"\nrank {r}: {lines[-1]}" if lines else ""
                 print(f"dsq: rank {r} died ({why}); stopped the other ranks{last}", file=sys.stderr, flush=True)
                 return r

@@ -23,6 +23,7 @@ from dsq.model import Transformer
 from dsq.parallel import Dist, extents, shard_plan, splits
 
 EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(.*)$")
+PROGRESS = ".dsq-progress.json"  # what an unfinished `dsq quantize` output holds (dsq/quantize/resume.py)
 
 
 def stacked(hf: str) -> tuple[str, int | None]:
@@ -99,11 +100,18 @@ def _done(pending: dict[str, set[int] | None], name: str, expert: int | None) ->
 def read_config(folder: Path) -> tuple[Config, Scheme]:
     """A model folder's Config and the formats its quantization_config declares."""
     hf_cfg_path = folder / "config.json"
-    if not hf_cfg_path.exists():
-        raise DsqError(f"{hf_cfg_path}: not found; a model folder needs its config.json")
+    if not hf_cfg_path.exists() and (folder / PROGRESS).exists():
+        try:
+            source = json.loads((folder / PROGRESS).read_text())["source"]
+            if not isinstance(source, str) or not source.isprintable():
+                raise TypeError(source)
+            how = f"run `dsq quantize {source} {folder}` again, with the same options, to finish it"
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            how = "run the same `dsq quantize` command again to finish it"
+        raise DsqError(f"{folder}: is an unfinished dsq quantize output (no config.json yet); {how}")
+    cfg = Config.from_file(hf_cfg_path)  # one line for a missing or invalid file
     hf_cfg = json.loads(hf_cfg_path.read_text())
-    return (Config.from_hf(hf_cfg, source=str(hf_cfg_path)),
-            Scheme(hf_cfg.get("quantization_config"), where=str(hf_cfg_path)))
+    return cfg, Scheme(hf_cfg.get("quantization_config"), where=str(hf_cfg_path))
 
 
 def load_model(folder: Path, device: torch.device, dtype: torch.dtype, rank: int = 0, world: int = 1,

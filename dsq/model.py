@@ -23,15 +23,28 @@ from dsq.parallel import Dist
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, backend: str = "torch"):
         super().__init__()
-        self.eps = eps
+        self.eps, self.backend = eps, backend
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton":
+            from dsq.kernels import add_rms_norm
+
+            return add_rms_norm(x, self.weight, self.eps).out
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, its norm): one kernel on the Triton backend."""
+        if self.backend == "triton":
+            from dsq.kernels import add_rms_norm
+
+            return add_rms_norm(x, self.weight, self.eps, residual)[:2]
+        x = x + residual
+        return x, self(x)
 
 
 def rope_frequencies(cfg: Config) -> torch.Tensor:
@@ -149,15 +162,22 @@ class MLA(nn.Module):
 class Gate(nn.Module):
     """Router: softmax scores in fp32, greedy or group-limited top-k, then normalise or scale the weights."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, backend: str = "torch"):
         super().__init__()
+        self.backend = backend
         self.k, self.groups, self.topk_groups = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
         self.group_limited = cfg.topk_method == "group_limited_greedy"
         self.norm, self.scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
+        logits = F.linear(x.float(), self.weight.float())
+        if self.backend == "triton":
+            from dsq.kernels import route
+
+            return route(logits, self.k, self.groups if self.group_limited else 1, self.topk_groups, self.norm,
+                         self.scale)
+        scores = logits.softmax(dim=-1)
         if self.group_limited:
             n = scores.shape[0]
             best = scores.view(n, self.groups, -1).amax(dim=-1).topk(self.topk_groups, dim=-1).indices
@@ -192,7 +212,7 @@ class MoE(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.lo, self.hi = dist.shard.experts
-        self.gate = Gate(cfg)  # replicated: every rank routes every token
+        self.gate = Gate(cfg, build.backend)  # replicated: every rank routes every token
         self.experts = build.experts(f"{name}.experts", range(self.lo, self.hi), d, cfg.moe_intermediate_size)
         shared = dist.shard.shared[1] - dist.shard.shared[0]
         self.shared_experts = MLP(build, f"{name}.shared_experts", d, shared) if cfg.n_shared_experts else None
@@ -223,17 +243,18 @@ class Block(nn.Module):
     def __init__(self, cfg: Config, layer: int, build: Build, dist: Dist):
         super().__init__()
         self.layer, self.dist, name = layer, dist, f"model.layers.{layer}"
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, build.dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, build.dtype, build.backend)
         self.self_attn = MLA(cfg, build, dist, f"{name}.self_attn")
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, build.dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, build.dtype, build.backend)
         dense = dist.shard.dense[1] - dist.shard.dense[0]
         self.mlp = (MoE(cfg, build, dist, f"{name}.mlp") if cfg.is_moe(layer)
                     else MLP(build, f"{name}.mlp", cfg.hidden_size, dense))
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 attn: Attention) -> torch.Tensor:
-        x = x + self.dist.all_reduce(self.self_attn(self.input_layernorm(x), pos, rope, attn, self.layer))
-        return x + self.dist.all_reduce(self.mlp(self.post_attention_layernorm(x)))
+        out = self.dist.all_reduce(self.self_attn(self.input_layernorm(x), pos, rope, attn, self.layer))
+        x, h = self.post_attention_layernorm.add(x, out)
+        return x + self.dist.all_reduce(self.mlp(h))
 
 
 class Embedding(nn.Module):

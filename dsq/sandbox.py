@@ -16,8 +16,6 @@ Every refusal is a TemplateError, which the caller turns into one line.
 from __future__ import annotations
 
 import inspect
-import re
-import string
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
@@ -29,11 +27,9 @@ from jinja2.compiler import CodeGenerator, Frame
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-# The longest published context (163,840 tokens for DeepSeek-V2) is about 0.65 M characters of text at
-# the usual ~4 characters per token: a larger prompt cannot be run anyway. A value is then at most 4 MB.
-MAX_CHARS = 1 << 20
+from dsq.template_size import FILTER_SIZE, MAX_BITS, fits, printf_size, size, small_int, str_call_size
+
 MAX_TEMPLATE = 1 << 18  # published chat templates are a few KB
-MAX_BITS = 14_000  # ints: about Python's own 4300-digit limit on int -> str
 MAX_DEPTH = 64  # nested calls: templates recurse over message parts a few levels deep
 MAX_RANGE = 100_000  # jinja's own sandbox limit for range(); a loop's items cost time through the budget
 SECONDS = 2.0  # a chat template renders in well under a millisecond
@@ -54,132 +50,9 @@ def _tick() -> None:
         raise TemplateError(f"rendering took more than {SECONDS:g} s")
 
 
-def measure(x: Any, limit: int = MAX_CHARS) -> tuple[int, int]:
-    """About how many characters `str(x)` takes, and how deeply x nests, counted up to just past `limit`
-    (so the count's own cost is bounded); a container shared n times counts n times, as it renders."""
-    level, n, depth = [x], 0, 0
-    while level and n <= limit:
-        below: list[Any] = []
-        for v in level:
-            if isinstance(v, (str, bytes)):
-                n += len(v)
-            elif isinstance(v, dict):
-                n += 2 + 4 * len(v)
-                below.extend(v)
-                below.extend(v.values())
-            elif isinstance(v, (list, tuple, set, frozenset)):
-                n += 2 + 2 * len(v)
-                below.extend(v)
-            elif isinstance(v, int) and not isinstance(v, bool):
-                n += v.bit_length() // 3 + 2
-            else:
-                n += 8
-            if n > limit:
-                break
-        level, depth = below, depth + 1 if below else depth
-    return n, depth
-
-
-def size(x: Any) -> int:
-    return measure(x)[0]
-
-
-def _fits(n: int, what: str) -> None:
-    if n > MAX_CHARS:
-        raise TemplateError(f"{what} would make more than {MAX_CHARS:,} characters")
-
-
-def _small_int(x: Any, what: str) -> None:
-    if isinstance(x, int) and not isinstance(x, bool) and abs(x) > MAX_CHARS:
-        raise TemplateError(f"{what}: argument {x} is larger than {MAX_CHARS:,}")
-
-
-_PRINTF = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?[a-zA-Z%]")
-
-
-def _printf_size(fmt: str, args: Any) -> int:
-    """An upper bound on len(fmt % args): each spec adds its width and precision and a float's digits."""
-    specs = _PRINTF.findall(fmt)
-    values = args if isinstance(args, tuple) else (args,)
-    n = len(fmt) + size(args) + 400 * len(specs)
-    for width, prec in specs:
-        for w in (width, prec):
-            if w == "*":
-                n += sum(abs(v) for v in values if isinstance(v, int))
-            elif w:
-                n += int(w)
-    return n
-
-
-def _format_size(fmt: str, args: tuple, kwargs: dict) -> int:
-    """An upper bound on len(fmt.format(*args, **kwargs)): every field may render the largest argument."""
-    largest = max((size(v) for v in (*args, *kwargs.values())), default=0)
-    n = len(fmt)
-    for _, field, spec, _ in string.Formatter().parse(fmt):
-        if field is not None:
-            n += largest + 400 + sum(map(int, re.findall(r"\d+", spec or ""))) + (MAX_CHARS if "{" in (spec or "")
-                                                                                  else 0)
-    return n
-
-
-def _str_call_size(obj: str, method: str, args: tuple, kwargs: dict) -> int | None:
-    """An upper bound on the length of a str method's result, for the methods that can grow a string."""
-    a = [*args, *kwargs.values()]
-    if method in ("center", "ljust", "rjust", "zfill"):
-        return len(obj) + (a[0] if a and isinstance(a[0], int) else 0)
-    if method == "expandtabs":
-        return len(obj) + obj.count("\t") * (a[0] if a and isinstance(a[0], int) else 8)
-    if method == "replace" and len(a) >= 2 and isinstance(a[0], str) and isinstance(a[1], str):
-        return len(obj) + (obj.count(a[0]) if a[0] else len(obj) + 1) * len(a[1])
-    if method == "join" and a:
-        return size(a[0]) + len(obj) * len(a[0])
-    if method in ("format", "format_map"):
-        return _format_size(obj, args, kwargs if method == "format" else (args[0] if args else {}))
-    if method == "translate":
-        raise TemplateError("str.translate is not allowed in a chat template")
-    return None
-
-
-def _width(w: Any) -> int:
-    return w if isinstance(w, int) else len(str(w))
-
-
-def _replace_size(s: str, old: str, new: str) -> int:
-    return len(s) + (s.count(old) if old else len(s) + 1) * len(new)
-
-
-def _indent_size(s: Any, width: Any = 4) -> int:
-    """Each line gets `width` more; a non-string could render with a line per character."""
-    lines = s.count("\n") + 1 if isinstance(s, str) else size(s)
-    return size(s) + lines * _width(width)
-
-
-def _dump_size(value: Any, indent: Any = None) -> int:
-    """json / pprint: each line (at most one per character) indented by `indent` per level."""
-    n, depth = measure(value)
-    return n * (2 + _width(indent or 1) * depth)
-
-
-# builtin filter -> an upper bound on its result's size from its bound arguments, for the filters that can
-# make more than they are given
-_FILTER_SIZE: dict[str, Callable[[dict[str, Any]], int]] = {
-    "center": lambda a: size(a["value"]) + a["width"],
-    "indent": lambda a: _indent_size(a["s"], a["width"]),
-    "replace": lambda a: _replace_size(str(a["s"]), str(a["old"]), str(a["new"])),
-    "join": lambda a: size(a["value"]) + len(a["value"]) * len(str(a["d"])),
-    "format": lambda a: _printf_size(str(a["value"]), a["kwargs"] or a["args"]),
-    "batch": lambda a: size(a["value"]) + a["linecount"] * size(a["fill_with"]),
-    "slice": lambda a: size(a["value"]) + a["slices"] * (2 + size(a["fill_with"])),
-    "tojson": lambda a: _dump_size(a["value"], a["indent"]),
-    "pprint": lambda a: _dump_size(a["value"]),
-    "string": lambda a: size(a["s"]),
-    "wordwrap": lambda a: size(a["s"]) * (2 + len(str(a["wrapstring"] or ""))),  # a break at every character
-}
-
-
 def _bounded_filter(name: str, f: Callable) -> Callable:
     """A builtin filter whose int arguments, estimated result and result stay within the bounds."""
-    estimate = _FILTER_SIZE.get(name)
+    estimate = FILTER_SIZE.get(name)
     lead = 0 if getattr(f, "jinja_pass_arg", None) is None else 1  # jinja passes eval_ctx / env first
     signature = inspect.signature(f) if estimate is not None else None  # the sync variant's, for async ones
     if signature is not None and next(iter(signature.parameters)) in ("eval_ctx", "environment", "context"):
@@ -189,17 +62,17 @@ def _bounded_filter(name: str, f: Callable) -> Callable:
     def bounded(*args: Any, **kwargs: Any) -> Any:
         _tick()
         for x in (*args, *kwargs.values()):
-            _small_int(x, f"filter {name}")
+            small_int(x, f"filter {name}")
         if signature is not None:
             bound = signature.bind(*args[lead:], **kwargs)
             bound.apply_defaults()
             if name == "join":  # may be a generator: count it once, hand the same items on
                 bound.arguments["value"] = list(bound.arguments["value"])
-            _fits(estimate(bound.arguments), f"filter {name}")
+            fits(estimate(bound.arguments), f"filter {name}")
             args, kwargs = (*args[:lead], *bound.args), bound.kwargs
         out = f(*args, **kwargs)
         if isinstance(out, (str, list, tuple, dict)):
-            _fits(size(out), f"filter {name}")
+            fits(size(out), f"filter {name}")
         return out
 
     return bounded
@@ -263,7 +136,7 @@ class ChatTemplateSandbox(ImmutableSandboxedEnvironment):
             out, n = [], 0
             for piece in template.generate(**variables):
                 n += len(piece)
-                _fits(n, "the rendered text")
+                fits(n, "the rendered text")
                 _tick()
                 out.append(piece)
             return "".join(out)
@@ -273,14 +146,14 @@ class ChatTemplateSandbox(ImmutableSandboxedEnvironment):
     # --- the bounded operations --------------------------------------------------------------------
     def concat(self, pieces: Iterable[Any]) -> str:  # jinja's join of `~`, macro bodies and block captures
         pieces = list(pieces)
-        _fits(sum(size(p) for p in pieces), "joining text")
+        fits(sum(size(p) for p in pieces), "joining text")
         return "".join(map(str, pieces))
 
     @staticmethod
     def _finalize(value: Any) -> Any:
         """Every `{{ value }}` before it becomes text."""
         _tick()
-        _fits(size(value), "an output expression")
+        fits(size(value), "an output expression")
         return value
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
@@ -295,12 +168,12 @@ class ChatTemplateSandbox(ImmutableSandboxedEnvironment):
         elif operator == "*":
             seq, n = (left, right) if isinstance(right, int) else (right, left)
             if isinstance(n, int) and n > 0:
-                _fits(size(seq) * n, "repeating a value")
+                fits(size(seq) * n, "repeating a value")
         elif operator == "%" and isinstance(left, str):
-            _fits(_printf_size(left, right), "%-formatting")
+            fits(printf_size(left, right), "%-formatting")
         out = self.binop_table[operator](left, right)
         if operator == "+" and not ints:
-            _fits(size(out), "adding values")
+            fits(size(out), "adding values")
         return out
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
@@ -309,13 +182,13 @@ class ChatTemplateSandbox(ImmutableSandboxedEnvironment):
         what = getattr(__obj, "__name__", type(__obj).__name__)
         args = tuple(list(x) if isinstance(x, Iterator) else x for x in args)  # measured, then handed on
         for x in (*args, *kwargs.values()):
-            _small_int(x, what)
+            small_int(x, what)
         target = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
         owner = getattr(target, "__self__", None)
         if isinstance(owner, str):
-            bound = _str_call_size(owner, target.__name__, args, kwargs)
+            bound = str_call_size(owner, target.__name__, args, kwargs)
             if bound is not None:
-                _fits(bound, f"str.{target.__name__}")
+                fits(bound, f"str.{target.__name__}")
         b = _budget.get()
         if b is not None:
             if b.depth >= MAX_DEPTH:
@@ -326,5 +199,5 @@ class ChatTemplateSandbox(ImmutableSandboxedEnvironment):
         finally:
             if b is not None:
                 b.depth -= 1
-        _fits(size(out), what)
+        fits(size(out), what)
         return out

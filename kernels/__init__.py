@@ -1,4 +1,5 @@
-"""Triton kernels for dsq: FP8 activation quantization, FP8 W8A8 and INT4 W4A16 GEMMs, fused MoE.
+"""Triton kernels for dsq: FP8 activation quantization, FP8 W8A8 and INT4 W4A16 GEMMs, fused MoE, the fused
+add + RMSNorm (+ quantization) and the MoE router.
 
 Each wrapper asserts its shapes and dtypes and runs on CUDA tensors, or on CPU tensors under
 TRITON_INTERPRET=1 (how CI checks them against the plain-torch references in dsq.quant).
@@ -9,14 +10,18 @@ from .common import GemmConfig
 from .fp8_gemm import fp8_gemm, fp8_gemm_q
 from .fused_moe import fused_moe, fused_moe_ref, moe_align
 from .int4_gemm import int4_gemm
+from .norm import add_rms_norm
+from .router import route
 
 __all__ = [
     "GemmConfig",
     "act_quant",
+    "add_rms_norm",
     "fp8_gemm",
     "fp8_gemm_q",
     "fused_moe",
     "fused_moe_ref",
     "int4_gemm",
     "moe_align",
+    "route",
 ]

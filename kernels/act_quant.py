@@ -17,6 +17,30 @@ from .common import round_e4m3
 
 
 @triton.jit
+def token_scales(a_rows, m_mask, K, FMAX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """Per-token scales [BM] of unquantized rows (pointers a_rows [BM, 1]): a pass over the whole row."""
+    amax = tl.zeros([BM], dtype=tl.float32)
+    for t in range(0, tl.cdiv(K, BK)):
+        offs_k = t * BK + tl.arange(0, BK)
+        x = tl.load(a_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+    return tl.math.div_rn(tl.maximum(amax, 1e-12), FMAX)
+
+
+@triton.jit
+def group_scales(x, FMAX: tl.constexpr):
+    """Per-row scales [BM] of an fp32 tile [BM, 128] that is one 1x128 activation group."""
+    return tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), FMAX)
+
+
+@triton.jit
+def quantize_tile(x, scale, FMAX: tl.constexpr):
+    """fp32 [BM, BK] / scale [BM] -> fp8 e4m3 [BM, BK], exactly as act_quant rounds."""
+    v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale[:, None]), -FMAX), FMAX)
+    return round_e4m3(v).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
 def _act_quant_kernel(
     x_ptr, q_ptr, s_ptr, K, GROUP, stride_xm, stride_qm, stride_sm, FMAX: tl.constexpr, BLOCK: tl.constexpr
 ):

@@ -9,12 +9,11 @@ out = (x_q @ w_q^T) * x_scale * w_scale with fp8 x fp8 dots accumulated in fp32,
 K needs no alignment (V2-Lite's dense down_proj has K = 10944 = 85.5 x 128): loads are masked and the
 last, partial group has its own scales.
 
-Two paths:
-- small M (decode, M <= 16): the kernel quantizes the activations itself (QUANT_A: per-token amax in a
-  first pass over the row, or per 1x128 tile), narrow column tiles give enough programs to stream the
-  weights without splitting K, so a linear layer is one launch;
-- larger M: act_quant writes the fp8 activations once, then the GEMM (wgmma tiles, L2-grouped order).
-Either path splits K over programs when the output tiles cannot fill half the GPU (common.pick_split_k).
+act_quant writes the fp8 activations once (a program per token and group), then the GEMM reads them:
+- small M (decode, M <= 16): narrow column tiles give enough programs to stream the weights, each with a
+  deep pipeline (~24 KB of weights in flight, what one SM needs to keep HBM busy);
+- larger M: wgmma tiles in L2-grouped order.
+Either splits K over programs when the output tiles cannot fill half the GPU (common.pick_split_k).
 """
 
 from __future__ import annotations
@@ -23,12 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
-from dsq.quant import BLOCK, FP8, FP8_MAX, is_block_scale
+from dsq.quant import BLOCK, FP8, is_block_scale
 
 from .act_quant import act_quant
-from .common import GemmConfig, cast_out, pick_split_k, round_e4m3, sm_count, splitk_reduce, tile_ids
+from .common import GemmConfig, cast_out, pick_split_k, sm_count, splitk_reduce, tile_ids
 
-SMALL_M = 16  # up to here the GEMM quantizes its activations itself
+SMALL_M = 16  # up to here decode tiles: one 16-row tile, streaming the weights
+# Little's law: 4.8 TB/s of HBM x ~650 ns of latency / 132 SMs ~ 23 KB that each SM must have in flight
+DECODE_BYTES_IN_FLIGHT = 24 * 1024
 
 
 @triton.jit
@@ -55,39 +56,13 @@ def fp8_dot_step(
 
 
 @triton.jit
-def token_scales(a_rows, m_mask, K, FMAX: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
-    """Per-token scales [BM] of unquantized rows (pointers a_rows [BM, 1]): a pass over the whole row."""
-    amax = tl.zeros([BM], dtype=tl.float32)
-    for t in range(0, tl.cdiv(K, BK)):
-        offs_k = t * BK + tl.arange(0, BK)
-        x = tl.load(a_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
-    return tl.math.div_rn(tl.maximum(amax, 1e-12), FMAX)
-
-
-@triton.jit
-def group_scales(x, FMAX: tl.constexpr):
-    """Per-row scales [BM] of an fp32 tile [BM, 128] that is one 1x128 activation group."""
-    return tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1e-12), FMAX)
-
-
-@triton.jit
-def quantize_tile(x, scale, FMAX: tl.constexpr):
-    """fp32 [BM, BK] / scale [BM] -> fp8 e4m3 [BM, BK], exactly as act_quant rounds."""
-    v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale[:, None]), -FMAX), FMAX)
-    return round_e4m3(v).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-
-
-@triton.jit
 def _fp8_gemm_kernel(
     a_ptr, as_ptr, w_ptr, ws_ptr, out_ptr, M, N, K, SPLIT_K,
     stride_am, stride_asm, stride_wn, stride_sn, stride_om,
-    BLOCK_SCALES: tl.constexpr, QUANT_A: tl.constexpr, FMAX: tl.constexpr, BM: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_SCALES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """out[pid_k] = a rows x w^T over this program's share of K (out is [M, N], or fp32 [SPLIT, M, N]).
-
-    QUANT_A: a is the unquantized x (as_ptr unused); else a is fp8 with act_quant's scales in as_ptr."""
+    """out[pid_k] = a rows x w^T over this program's share of K (out is [M, N], or fp32 [SPLIT, M, N]);
+    a is fp8 with act_quant's scales in as_ptr."""
     pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BM, BN, GROUP_M)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -97,26 +72,17 @@ def _fp8_gemm_kernel(
     k_tiles = tl.cdiv(K, BK)
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     t0 = tl.program_id(1) * per_split
-    if QUANT_A:  # noqa: SIM102 (constexpr branches stay statements for Triton's compiler)
-        if not BLOCK_SCALES:  # per-token scales: a first pass over the rows (they stay in L2)
-            a_s = token_scales(a_rows, m_mask, K, FMAX, BM, BK)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for t in range(t0, tl.minimum(t0 + per_split, k_tiles)):
         offs_k = t * BK + tl.arange(0, BK)
         a = tl.load(a_rows + offs_k[None, :], mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)
-        if QUANT_A:
-            x = a.to(tl.float32)
-            if BLOCK_SCALES:  # this tile is one 1x128 group
-                a_s = group_scales(x, FMAX)
-            a = quantize_tile(x, a_s, FMAX)
-        elif BLOCK_SCALES:
+        if BLOCK_SCALES:  # noqa: SIM108 (constexpr branches stay statements for Triton's compiler)
             a_s = tl.load(as_ptr + offs_m * stride_asm + t, mask=m_mask, other=0.0)
         else:
             a_s = 1.0  # applied after the loop
         acc = fp8_dot_step(acc, a, a_s, w_ptr, ws_ptr, offs_n, n_mask, t, K, stride_wn, stride_sn, BLOCK_SCALES, BK)
     if not BLOCK_SCALES:
-        if not QUANT_A:
-            a_s = tl.load(as_ptr + offs_m * stride_asm, mask=m_mask, other=0.0)
+        a_s = tl.load(as_ptr + offs_m * stride_asm, mask=m_mask, other=0.0)
         w_s = tl.load(ws_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)
         acc = acc * a_s[:, None] * w_s[None, :]
     out_ptr += tl.program_id(1).to(tl.int64) * M * N
@@ -126,10 +92,12 @@ def _fp8_gemm_kernel(
 
 def fp8_config(m: int, n: int, k: int, x: torch.Tensor) -> GemmConfig:
     """Heuristic tiles, picked from sm_90 compiles (no register spills) and not yet timed on an H200;
-    BK = 128 = one block-scale column. Small M: narrow column tiles so that ~all SMs get a program."""
+    BK = 128 = one block-scale column. Small M: narrow column tiles so that ~all SMs get a program, and
+    stages enough for DECODE_BYTES_IN_FLIGHT of weights (16 wide: 13 stages, 49 KB of shared memory)."""
     sms = sm_count(x)
     if m <= SMALL_M:
-        bm, bn, warps, stages = 16, 32 if triton.cdiv(n, 32) >= sms else 16, 4, 5
+        bn = 32 if triton.cdiv(n, 32) >= sms else 16
+        bm, warps, stages = 16, 4, 1 + DECODE_BYTES_IN_FLIGHT // (bn * BLOCK)
     elif m <= 64:
         bm, bn, warps, stages = triton.next_power_of_2(m), 64, 4, 4
     elif m <= 256:
@@ -145,15 +113,13 @@ def fp8_gemm(
 ) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32) times FP8 weight [N, K] with channel [N, 1] or block scales -> [M, N] in x.dtype.
 
-    The activations are quantized dynamically (per token, or per 1x128 group under block scales): inside
-    the GEMM for M <= SMALL_M, by act_quant above that."""
+    The activations are quantized dynamically (per token, or per 1x128 group under block scales) by act_quant,
+    once, rather than by every program of the GEMM."""
     assert x.dim() == 2 and x.stride(1) == 1, f"x must be row-major 2-D, got {tuple(x.shape)}"
     assert x.dtype in (torch.bfloat16, torch.float16, torch.float32), x.dtype
     block = is_block_scale(weight, weight_scale)
-    if x.shape[0] > SMALL_M:
-        xq, xs = act_quant(x, BLOCK if block else None)
-        return fp8_gemm_q(xq, xs, weight, weight_scale, x.dtype, config=config)
-    return _launch(x, None, weight, weight_scale, x.dtype, config)
+    xq, xs = act_quant(x, BLOCK if block else None)
+    return fp8_gemm_q(xq, xs, weight, weight_scale, x.dtype, config=config)
 
 
 def fp8_gemm_q(
@@ -169,10 +135,10 @@ def fp8_gemm_q(
 
 
 def _launch(
-    a: torch.Tensor, a_s: torch.Tensor | None, weight: torch.Tensor, weight_scale: torch.Tensor,
+    a: torch.Tensor, a_s: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     out_dtype: torch.dtype, config: GemmConfig | None,
 ) -> torch.Tensor:
-    """Check the weight, pick the tiles, run the GEMM (+ the split-K sum). a_s None: quantize a in-kernel."""
+    """Check the weight, pick the tiles, run the GEMM (+ the split-K sum)."""
     m, k = a.shape
     n = weight.shape[0]
     assert weight.dtype == FP8 and weight.shape == (n, k) and weight.is_contiguous(), (weight.dtype, weight.shape)
@@ -182,16 +148,16 @@ def _launch(
         assert weight_scale.shape == (triton.cdiv(n, BLOCK), triton.cdiv(k, BLOCK)), tuple(weight_scale.shape)
     cfg = config or fp8_config(m, n, k, a)
     cfg.check()
-    assert cfg.bk == BLOCK or not (block or a_s is None), "block scales and in-kernel quantization step by 128"
+    assert cfg.bk == BLOCK or not block, "block scales step by 128"
     if m == 0:
         return a.new_empty(0, n, dtype=out_dtype)
     split = cfg.split_k > 1
     out = a.new_empty(cfg.split_k, m, n, dtype=torch.float32) if split else a.new_empty(m, n, dtype=out_dtype)
     grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), cfg.split_k)
     _fp8_gemm_kernel[grid](
-        a, a if a_s is None else a_s, weight, weight_scale, out, m, n, k, cfg.split_k,
-        a.stride(0), 0 if a_s is None else a_s.stride(0), weight.stride(0), weight_scale.stride(0), n,
-        BLOCK_SCALES=block, QUANT_A=a_s is None, FMAX=FP8_MAX, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
-        GROUP_M=cfg.group_m, num_warps=cfg.warps, num_stages=cfg.stages,
+        a, a_s, weight, weight_scale, out, m, n, k, cfg.split_k,
+        a.stride(0), a_s.stride(0), weight.stride(0), weight_scale.stride(0), n,
+        BLOCK_SCALES=block, BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=cfg.group_m, num_warps=cfg.warps,
+        num_stages=cfg.stages,
     )
     return splitk_reduce(out, out_dtype) if split else out

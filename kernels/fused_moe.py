@@ -34,9 +34,9 @@ import triton.language as tl
 
 from dsq.quant import BLOCK, FP8, FP8_MAX, fp8_linear, int4_dequantize, is_block_scale
 
-from .act_quant import act_quant
+from .act_quant import act_quant, group_scales, quantize_tile, token_scales
 from .common import cast_out, dot_dtype, splitk_reduce
-from .fp8_gemm import fp8_dot_step, group_scales, quantize_tile, token_scales
+from .fp8_gemm import fp8_dot_step
 from .int4_gemm import int4_dot_step, int4_step
 
 DECODE_MAX_TOKENS = 8  # up to here one pair per block beats sorting (a guess until measured)

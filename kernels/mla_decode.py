@@ -29,8 +29,7 @@ from .common import interpreted, round_bf16, sm_count
 from .mla_cache import LatentPool, gather_latents, group_size
 
 _LOG2E = 1.4426950408889634
-_MIN_SPLIT_TOKENS = 512  # a split's fp32 partial output (64 KB per 16 heads) stays < 20% of its cache bytes
-_MAX_SPLITS = 128
+_MIN_SPLIT_TOKENS = 32  # one BLOCK_N tile (default_num_splits says why)
 
 
 @triton.jit
@@ -105,39 +104,54 @@ def _decode_kernel(q_ptr, qpe_ptr, kv_ptr, scale_ptr, pe_ptr, bt_ptr, len_ptr, o
 
 @triton.jit
 def _reduce_kernel(mid_ptr, lse_ptr, o_ptr, stride_ob, stride_oh, H, num_splits, C: tl.constexpr,
-                   BLOCK_H: tl.constexpr, OUT_BF16: tl.constexpr):
-    """Merge the splits' partial outputs [B, H, num_splits, C] by their log2-sum-exp weights."""
+                   BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, OUT_BF16: tl.constexpr):
+    """Merge one head's split partial outputs [num_splits, BLOCK_C] (of mid [B, H, num_splits, C]) by their
+    log2-sum-exp weights, BLOCK_S splits at a time, so any split count works.
+
+    One program per (sequence, head, channel tile): at batch 1 the splits' partials (num_splits x 32 KB per 16
+    heads) are read by H * C / BLOCK_C programs in parallel, not by one."""
     b = tl.program_id(0)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_c = tl.arange(0, C)
-    rows = (b * H + heads).to(tl.int64) * num_splits
-    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_sum = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, C], tl.float32)
-    for split in range(num_splits):
-        lse = tl.load(lse_ptr + rows + split, mask=heads < H, other=float("-inf"))
-        m_new = tl.maximum(m, lse)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all splits so far empty: weights 0, not NaN
-        alpha = tl.exp2(m - m_ref)
-        w = tl.exp2(lse - m_ref)
-        part = tl.load(mid_ptr + (rows + split)[:, None] * C + offs_c[None, :], mask=(heads < H)[:, None],
-                       other=0.0)
-        acc = acc * alpha[:, None] + w[:, None] * part
-        l_sum = l_sum * alpha + w
-        m = m_new
-    out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
-    o_ptrs = o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_c[None, :]
+    h = tl.program_id(1)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row = (b * H + h).to(tl.int64) * num_splits
+    m_vec = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):  # the largest log2-sum-exp: -inf when every split is empty
+        splits = s0 + tl.arange(0, BLOCK_S)
+        m_vec = tl.maximum(m_vec, tl.load(lse_ptr + row + splits, mask=splits < num_splits, other=float("-inf")))
+    m = tl.max(m_vec, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty: weights 0, not NaN
+    l_vec = tl.zeros([BLOCK_S], tl.float32)
+    acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        smask = splits < num_splits
+        w = tl.exp2(tl.load(lse_ptr + row + splits, mask=smask, other=float("-inf")) - m)
+        part = tl.load(mid_ptr + (row + splits)[:, None] * C + offs_c[None, :], mask=smask[:, None], other=0.0)
+        acc += w[:, None] * part
+        l_vec += w
+    l_sum = tl.sum(l_vec, axis=0)
+    out = tl.sum(acc, axis=0) / tl.where(l_sum > 0, l_sum, 1.0)
+    o_ptrs = o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_c
     if OUT_BF16:
-        tl.store(o_ptrs, round_bf16(out), mask=(heads < H)[:, None])
+        tl.store(o_ptrs, round_bf16(out))
     else:
-        tl.store(o_ptrs, out, mask=(heads < H)[:, None])
+        tl.store(o_ptrs, out)
 
 
 def default_num_splits(batch: int, num_heads: int, max_seq_len: int, num_sms: int, block_h: int = 16) -> int:
-    """KV splits for a batch bucket: about two waves of programs, each split reading >= 512 tokens."""
+    """KV splits for a batch bucket: enough programs to give every SM one, each split >= 32 tokens.
+
+    One program per SM is a full wave (an FP8-cache program, 174 registers x 256 threads, is the only one
+    resident on its SM on sm_90), so at batch 1 and 16 heads a context of >= 132 x 32 = 4,224 tokens runs
+    on all 132 SMs of an H200 (1K: 32 programs). The floor of 32 tokens is one BLOCK_N tile: a split's
+    cache read (21 KB of FP8 latents) is then about the ~23 KB that one SM must keep in flight to saturate
+    HBM, while its fp32 partial output (32 KB per 16 heads) stays in L2 for the reduce (132 of them: 4 MB
+    of 50 MB). Below ~4K tokens the whole cache is < 3 MB, latency more than bandwidth, and more, emptier
+    splits would only add partials to merge.
+    """
     programs = batch * triton.cdiv(num_heads, block_h)
-    want = triton.cdiv(2 * num_sms, programs)
-    return max(1, min(want, max_seq_len // _MIN_SPLIT_TOKENS, _MAX_SPLITS))
+    want = triton.cdiv(num_sms, programs)
+    return max(1, min(want, max_seq_len // _MIN_SPLIT_TOKENS))
 
 
 def _pow2(n: int) -> bool:
@@ -190,8 +204,9 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, pool: LatentPool, block_
         OUT_BF16=out_bf16 and num_splits == 1, DOT=tl.float32 if interpreted(q_lat) else tl.bfloat16,
         num_warps=num_warps, num_stages=num_stages)
     if mid is not None:
-        _reduce_kernel[(bsz, tiles)](mid, lse, o_view, out.stride(0), out.stride(1), h, num_splits, C=c,
-                                     BLOCK_H=block_h, OUT_BF16=out_bf16, num_warps=8)
+        block_c = min(c, 128)
+        _reduce_kernel[(bsz, h, c // block_c)](mid, lse, o_view, out.stride(0), out.stride(1), h, num_splits,
+                                               C=c, BLOCK_S=16, BLOCK_C=block_c, OUT_BF16=out_bf16, num_warps=4)
     return out
 
 

@@ -52,7 +52,12 @@ class Report:
         t.add_section()
         t.add_row("total", "", str(len(self.tensors)), size(size_in), size(size_out),
                   f"{size_in / max(size_out, 1):.2f}x", "", "", "")
-        rate = self.bytes_done / self.seconds / 1e6 if self.seconds else 0.0
-        t.caption = (f"{self.shards} shards ({self.resumed} resumed) in {self.seconds:.1f} s, {rate:.0f} MB/s of "
-                     "source converted; err = relative Frobenius error of a tensor, SQNR in dB")
+        if self.resumed == self.shards:
+            t.caption = (f"{self.out} is complete: all {self.shards} shards were already written and match their "
+                         "sha256; nothing was converted")
+        else:
+            rate = self.bytes_done / self.seconds / 1e6 if self.seconds else 0.0
+            t.caption = (f"{self.shards} shards ({self.resumed} resumed) in {self.seconds:.1f} s, {rate:.0f} MB/s "
+                         "of source converted")
+        t.caption += "; err = relative Frobenius error of a tensor, SQNR in dB"
         return t

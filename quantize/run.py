@@ -28,11 +28,13 @@ import dsq
 from dsq.checkpoint import Checkpoint, check_config, resolve
 from dsq.config import Config
 from dsq.errors import DsqError
+from dsq.loader import read_config
 from dsq.quantize.convert import convert_tensor
+from dsq.quantize.lock import locked
 from dsq.quantize.report import Report
-from dsq.quantize.resume import INDEX, MANIFEST, PROGRESS, check_space, fingerprint, prepare
-from dsq.quantize.scheme import Options, quantization_config, task_for
-from dsq.quantize.source import Source, prefetch
+from dsq.quantize.resume import INDEX, MANIFEST, PROGRESS, check_space, check_unchanged, fingerprint, prepare, stamps
+from dsq.quantize.scheme import Options, Task, quantization_config, task_for
+from dsq.quantize.source import Source, check_tensors, prefetch
 from dsq.quantize.writer import OutputFile, OutputWriter, atomic_write, layout_files
 
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -50,21 +52,44 @@ def quantize(src: str | Path, out: str | Path, opts: Options | None = None, *, r
     if shard_size < 1:
         raise DsqError(f"--shard-size {shard_size}: must be positive")
     folder = resolve(src, revision)
-    hf_cfg = _source_config(folder)
+    cfg, hf_cfg = _source_config(folder)
     ckpt = Checkpoint(folder)
-    check_config(Config.from_hf(hf_cfg, str(folder / "config.json")), ckpt)
+    check_config(cfg, ckpt)
+    check_tensors(cfg, ckpt)
     tasks = sorted((task_for(n, ckpt.shape(n), ckpt.dtype(n), opts, str(folder / ckpt.files[n]))
                     for n in ckpt.files), key=lambda t: _natural(t.name))
     shards = layout_files(tasks, shard_size)
-    key = {"source_fingerprint": fingerprint(folder, ckpt, tasks), "options": opts.to_dict(),
-           "shard_size": shard_size}
+    key = {"source_fingerprint": fingerprint(tasks), "options": opts.to_dict(), "shard_size": shard_size}
     out = Path(out).expanduser()
     if out.resolve() == folder.resolve():
         raise DsqError(f"{out}: is the source folder; write the quantized model to another folder")
-    done, tensors = prepare(out, key, shards, force)
+    if out.exists() and not out.is_dir():
+        raise DsqError(f"{out}: exists and is not a folder; choose another output folder")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DsqError(f"{out}: cannot create the output folder ({e.strerror}); choose a writable place") from None
+    try:
+        with locked(out):
+            return _run(ckpt, src, revision, out, hf_cfg, opts, tasks, shards, key, dev, force, console, start)
+    except BaseException:
+        if created:  # a refused or failed run leaves no empty folder behind
+            _remove_if_empty(out)
+        raise
+
+
+def _run(ckpt: Checkpoint, src: str | Path, revision: str | None, out: Path, hf_cfg: dict, opts: Options,
+         tasks: list[Task], shards: list[OutputFile], key: dict, dev: torch.device, force: bool, console: Console,
+         start: float) -> Report:
+    """The run itself, with OUT locked: what is already done, then the rest, shard by shard."""
+    folder, sources = ckpt.folder, stamps(ckpt)
+    done, tensors, complete = prepare(out, key, shards, ckpt, sources, force)
+    if complete:  # a finished output, every shard verified: nothing to rewrite
+        return Report(out, tensors, time.perf_counter() - start, 0, len(shards), len(shards))
     pending = [s for s in shards if s.name not in done]
     check_space(out, sum(s.size for s in pending))
-    state = {"dsq_version": dsq.__version__, **key, "done": done,
+    state = {"dsq_version": dsq.__version__, **key, "source": str(src), "source_files": sources, "done": done,
              "tensors": {t.name: tensors[t.name] for s in shards if s.name in done for t in s.tasks}}
     atomic_write(out / PROGRESS, json.dumps(state))
     for name in (MANIFEST, INDEX, "config.json"):  # unfinished from here until they are rewritten
@@ -75,6 +100,11 @@ def quantize(src: str | Path, out: str | Path, opts: Options | None = None, *, r
 
     def finish_shard(writer: OutputWriter, errors: dict) -> None:
         """Sync, hash, rename and record a written shard (in the background: the next shard goes on)."""
+        try:
+            check_unchanged(ckpt, writer.shard, sources)
+        except DsqError:
+            writer.abort()
+            raise
         digest = writer.commit()
         done[writer.shard.name] = {"sha256": digest, "bytes": writer.shard.size}
         state["tensors"].update(errors)
@@ -112,7 +142,11 @@ def quantize(src: str | Path, out: str | Path, opts: Options | None = None, *, r
                         bar.update(job, completed=done_in,
                                    tensors=f"{len(tasks) - len(todo) + converted}/{len(tasks)}")
                 if commit is not None:
-                    commit.result()
+                    try:
+                        commit.result()
+                    except BaseException:  # the previous shard failed: this one will not be committed either
+                        writer.abort()
+                        raise
                 commit = committer.submit(finish_shard, writer, errors)
             if commit is not None:
                 commit.result()
@@ -137,15 +171,25 @@ def _device(device: str) -> torch.device:
     return dev
 
 
-def _source_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    Config.from_file(path)  # refuses what is not DeepSeek-V2, in one line
-    hf = json.loads(path.read_text())
+def _source_config(folder: Path) -> tuple[Config, dict]:
+    """The source's Config (refusing what is not DeepSeek-V2, in one line) and its config.json as written."""
+    cfg, _ = read_config(folder)
+    hf = json.loads((folder / "config.json").read_text())
     if hf.get("quantization_config"):
         method = hf["quantization_config"].get("quant_method", "?")
-        raise DsqError(f"{path}: the checkpoint is already quantized ({method}); give dsq quantize the "
-                       "BF16 checkpoint")
-    return hf
+        raise DsqError(f"{folder / 'config.json'}: the checkpoint is already quantized ({method}); give dsq "
+                       "quantize the BF16 checkpoint")
+    return cfg, hf
+
+
+def _remove_if_empty(out: Path) -> None:
+    """Remove OUT if it holds nothing but a progress record of no finished file."""
+    try:
+        if all(p.name == PROGRESS for p in out.iterdir()):
+            (out / PROGRESS).unlink(missing_ok=True)
+            out.rmdir()
+    except OSError:
+        pass  # another run may have started there meanwhile: leave it
 
 
 def _natural(name: str) -> list:
@@ -177,6 +221,7 @@ def _finish(out: Path, folder: Path, src: str | Path, revision: str | None, hf_c
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": {"path": str(src), "folder": str(folder), "revision": revision},
         "source_fingerprint": state["source_fingerprint"],
+        "source_files": state["source_files"],
         "options": state["options"],
         "shard_size": state["shard_size"],
         "shards": {s.name: state["done"][s.name] for s in shards},

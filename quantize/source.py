@@ -16,10 +16,35 @@ from pathlib import Path
 import torch
 
 from dsq.checkpoint import Checkpoint, check_finite
+from dsq.config import Config
 from dsq.errors import DsqError
+from dsq.loader import hf_tensors
 from dsq.quantize.scheme import Task
 
 PREFETCH_BYTES = 256 << 20  # read at most this far ahead (always at least one tensor)
+FLOATS = ("BF16", "F16", "F32")
+
+
+def check_tensors(cfg: Config, ckpt: Checkpoint) -> None:
+    """The source holds exactly the tensors of an unquantized checkpoint of its config, at their shapes and in
+    a float dtype (the loader's own list, `hf_tensors`), so quantize never writes an output the loader refuses.
+    The messages are the loader's."""
+    want = hf_tensors(cfg)
+    for name in ckpt.files:
+        if name in want and ckpt.shape(name) != list(want[name]):
+            raise DsqError(f"{ckpt.folder}: tensor {name} has shape {ckpt.shape(name)}, the config implies "
+                           f"{list(want[name])}")
+        if ckpt.dtype(name) not in FLOATS:
+            raise DsqError(f"{ckpt.folder}: tensor {name} has dtype {ckpt.dtype(name)}; dsq quantize reads "
+                           "BF16/FP16/FP32 checkpoints")
+    optional = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    for names, what in (([n for n in want if n not in ckpt.files and n not in optional],
+                         "missing tensor(s) {}; the checkpoint is incomplete or not made for this config"),
+                        ([n for n in ckpt.files if n not in want],
+                         "unexpected tensor(s) {}; the config.json does not describe these weights")):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            raise DsqError(f"{ckpt.folder}: " + what.format(", ".join(names[:3]) + more))
 
 
 class Source:
@@ -43,12 +68,17 @@ class Source:
         path, start, end = self.where[task.name]
         buf = torch.empty(end - start, dtype=torch.uint8)
         view = memoryview(buf.numpy())
-        with open(path, "rb", buffering=0) as f:
-            while view.nbytes:
-                n = os.preadv(f.fileno(), [view], start)
-                if n == 0:
-                    raise DsqError(f"{path}: tensor {task.name} is cut short; the file is truncated, re-download it")
-                view, start = view[n:], start + n
+        try:
+            with open(path, "rb", buffering=0) as f:
+                while view.nbytes:
+                    n = os.preadv(f.fileno(), [view], start)
+                    if n == 0:
+                        raise DsqError(f"{path}: tensor {task.name} is cut short; the file is truncated (or was "
+                                       "changed during the run): restore it, then run the same command to resume")
+                    view, start = view[n:], start + n
+        except OSError as e:  # deleted, moved or unreadable since the run was planned
+            raise DsqError(f"{path}: cannot read tensor {task.name} ({e.strerror or e}); the source changed "
+                           "during the run: restore it, then run the same command to resume") from None
         t = buf.view(task.dtype).view(task.shape)
         check_finite(t, path, task.name)
         return t

@@ -78,7 +78,11 @@ def layout_files(tasks: list[Task], shard_size: int) -> list[OutputFile]:
 class OutputWriter:
     """Writes one shard to `<final>.dsq-tmp` (from several threads at once: each write has its own offset);
     `commit()` syncs it, renames it into place and returns its sha256. An error inside the `with` block,
-    or a failed commit, deletes the temporary file."""
+    or a failed commit, deletes the temporary file.
+
+    The hash is of the file as committed, re-read through the descriptor that wrote it (so of these bytes,
+    whatever else happens to the path): blocks are written out of order, from several threads, so there is no
+    stream to hash while writing, and a re-read also catches a write the file system did not keep."""
 
     def __init__(self, folder: Path, shard: OutputFile):
         self.shard = shard
@@ -89,7 +93,7 @@ class OutputWriter:
         self.fd = -1
 
     def __enter__(self) -> OutputWriter:
-        self.fd = self._io(lambda: os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+        self.fd = self._io(lambda: os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644))
         try:
             self._io(lambda: os.pwrite(self.fd, self.shard.header, 0))
             self._io(lambda: os.ftruncate(self.fd, self.shard.size))
@@ -121,9 +125,9 @@ class OutputWriter:
             if self.written != expected:  # a bug, not bad input: never let a shard with holes through
                 raise RuntimeError(f"{self.tmp}: wrote {self.written} of {expected} data bytes")
             self._io(lambda: os.fsync(self.fd))
+            digest = self._io(lambda: _sha256_fd(self.fd))
             os.close(self.fd)
             self.fd = -1
-            digest = sha256(self.tmp)
             self._io(lambda: os.replace(self.tmp, self.final))
             fsync_dir(self.final.parent)
             return digest
@@ -150,6 +154,14 @@ def sha256(path: Path) -> str:
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def _sha256_fd(fd: int) -> str:
+    h, pos = hashlib.sha256(), 0
+    while chunk := os.pread(fd, 1 << 24, pos):
+        h.update(chunk)
+        pos += len(chunk)
     return h.hexdigest()
 
 

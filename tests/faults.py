@@ -1,6 +1,7 @@
 """Fault injection from outside the product: run the dsq CLI with one function wrapped to fail.
 
     python tests/faults.py rank RANK STEP exit|hang CLI-ARGS...   rank RANK fails at its STEP-th token agreement
+    python tests/faults.py start RANK exit|hang CLI-ARGS...       spawned rank RANK fails while importing
     python tests/faults.py kill N CLI-ARGS...                      SIGKILL after the N-th converted tensor
 
 The patch is applied at import, so ranks spawned by the `--tp` launcher (multiprocessing's spawn re-imports
@@ -31,6 +32,15 @@ def _rank_fault(rank: int, step: int, how: str) -> None:
     Dist.agree = failing_agree
 
 
+def _start_fault(rank: int, how: str) -> None:
+    import multiprocessing
+
+    if multiprocessing.current_process().name == f"dsq-rank-{rank}":  # as dsq.launch names its ranks
+        if how == "hang":
+            time.sleep(1e6)
+        raise ImportError(f"rank {rank} fails while importing (injected)")
+
+
 def _kill_after(n: int) -> None:
     from dsq.quantize import run
 
@@ -51,6 +61,9 @@ def _install(argv: list[str]) -> list[str]:
     if argv[0] == "rank":
         _rank_fault(int(argv[1]), int(argv[2]), argv[3])
         return argv[4:]
+    if argv[0] == "start":
+        _start_fault(int(argv[1]), argv[2])
+        return argv[3:]
     if argv[0] == "kill":
         _kill_after(int(argv[1]))
         return argv[2:]

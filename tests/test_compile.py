@@ -30,10 +30,10 @@ HIDDEN, HEADS, NOPE, ROPE, V_DIM, KV_LORA = 2048, 16, 128, 64, 128, 512
 DENSE, MOE, EXPERTS, TOP_K, SHARED = 10944, 1408, 64, 6, 2
 DECODE_M = (1, 8, 16, 32, 64)  # the CUDA-graph batch buckets a decode step runs at
 PREFILL_M = (512, 4096)  # a prefill chunk (generate's default chunk is 4096 tokens)
-CONTEXTS = (512, 4096, 32768)  # cache lengths: 1 KV split, a few, many
+CONTEXTS = (32, 4096, 32768)  # cache lengths: one 32-token tile (1 KV split), a few splits, many
 
 KERNELS = {"_act_quant_kernel", "_fp8_gemm_kernel", "_int4_gemm_kernel", "_splitk_reduce_kernel", "_moe_kernel",
-           "_cache_write_kernel", "_decode_kernel", "_reduce_kernel"}
+           "_cache_write_kernel", "_decode_kernel", "_reduce_kernel", "_add_rms_norm_kernel", "_router_kernel"}
 
 
 def launch_all() -> None:
@@ -41,9 +41,19 @@ def launch_all() -> None:
     import torch
 
     kernel = lambda name: importlib.import_module("dsq.kernels." + name)  # the package attributes are the functions
-    fg, ig, fm, mc, md = (kernel(n) for n in ("fp8_gemm", "int4_gemm", "fused_moe", "mla_cache", "mla_decode"))
+    fg, ig, fm, mc, md, nm, rt = (kernel(n) for n in ("fp8_gemm", "int4_gemm", "fused_moe", "mla_cache", "mla_decode",
+                                                      "norm", "router"))
     bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
     x = lambda m, k: torch.empty(m, k, dtype=bf16)
+    # the norms (hidden; V2's q_lora 1536 and hidden 5120) with the residual add, unquantized or quantized for
+    # channel / block-scaled FP8 linears; the router of V2-Lite (64 experts, greedy) and V2 (160, 8 groups)
+    quants = ((False, None), (True, None), (True, 128))
+    for k, m, (quant, group), add in itertools.product((HIDDEN, KV_LORA, 1536, 5120), (1, 64, 4096), quants,
+                                                        (True, False)):
+        nm.add_rms_norm(x(m, k), torch.empty(k, dtype=bf16), 1e-6, x(m, k) if add else None, quant=quant, group=group)
+    for m in (1, 64, 4096):
+        rt.route(torch.empty(m, EXPERTS), TOP_K)
+        rt.route(torch.empty(m, 160), TOP_K, groups=8, topk_groups=3, scale=16.0)
     # FP8 linears (attention, shared experts, the dense MLP), channel or 128x128 block scales
     fp8_linears = [(HEADS * (NOPE + ROPE), HIDDEN), (KV_LORA + ROPE, HIDDEN), (HEADS * (NOPE + V_DIM), KV_LORA),
                    (HIDDEN, HEADS * V_DIM), (SHARED * MOE, HIDDEN), (HIDDEN, SHARED * MOE), (DENSE, HIDDEN),

@@ -154,6 +154,6 @@ def test_context_above_the_model_maximum_is_reported(tiny):
 
 def test_non_finite_logits_stop_generation(tiny):
     model = dsq.load_quantized(tiny)
-    model.net.norm.weight.data.fill_(float("inf"))  # every logit becomes Inf or NaN
+    model.net.model.norm.weight.data.fill_(float("inf"))  # every logit becomes Inf or NaN
     with pytest.raises(DsqError, match="NaN or Inf logits"):
         model.generate([1, 2, 3], max_new_tokens=4)

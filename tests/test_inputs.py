@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from tiny import make_tiny
 from typer.testing import CliRunner
 
 import dsq
+import dsq.cache
+from dsq.cache import available_memory, bytes_per_token
 from dsq.cli.main import app
 from dsq.config import Config
 from dsq.errors import DsqError
@@ -158,6 +161,53 @@ def test_bad_flags(tiny):
     assert_one_line_error(cli("generate", str(tiny), "--prompt", "1", "--ids", "--top-p", "0"), "--top-p")
     with pytest.raises(DsqError, match="bogus"):
         dsq.load_quantized(tiny, bogus=1)
+
+
+def raises_one_line(fragment: str):
+    return pytest.raises(DsqError, match=rf"^[^\n]*{re.escape(fragment)}[^\n]*$")
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(device="foo"), "device='foo': dsq runs on 'cpu', 'cuda' or 'cuda:N'"),
+    (dict(device="meta"), "device='meta': dsq runs on"),
+    (dict(device="gpu"), "device='gpu': dsq runs on"),
+    (dict(device="mps"), "device='mps': dsq runs on"),
+    (dict(device=torch.device("meta")), "device=device(type='meta'): dsq runs on"),
+    (dict(tp=0), "tp=0: give an integer >= 1"),
+    (dict(tp=-2), "tp=-2: give an integer >= 1"),
+    (dict(tp=1.5), "tp=1.5: give an integer >= 1"),
+])
+def test_load_quantized_arguments(tiny, kwargs, fragment):
+    with raises_one_line(fragment):
+        dsq.load_quantized(tiny, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model(tiny) -> dsq.Model:
+    return dsq.load_quantized(tiny)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(seed=2**63), f"seed={2**63}: give an integer in [0, 2**63)"),
+    (dict(seed=-1), "seed=-1: give an integer in [0, 2**63)"),
+    (dict(stop=[""]), "stop=['']: give a list of non-empty strings"),
+    (dict(stop="x"), "stop='x': give a list of non-empty strings"),
+])
+def test_generate_and_chat_arguments(model, kwargs, fragment):
+    with raises_one_line(fragment):
+        model.generate([1, 2], max_new_tokens=1, **kwargs)
+    with raises_one_line(fragment):
+        next(model.chat([{"role": "user", "content": "hi"}], **kwargs))
+
+
+def test_cpu_cache_larger_than_memory_is_refused_before_allocating(model, monkeypatch):
+    """A cache of twice the memory available now (so memory freed meanwhile cannot make it fit) is one
+    sentence saying what to change, and no pool is allocated."""
+    monkeypatch.setattr(dsq.cache, "alloc_pool", lambda *args, **kwargs: pytest.fail("the pool was allocated"))
+    pages = 2 * available_memory() // bytes_per_token(model.cfg, model.net.kv_cache_dtype) // 64
+    with raises_one_line(f"latent cache of {pages * 64:,} tokens needs") as e:
+        model.net.new_cache(pages, 64)
+    assert "GB of memory available; give a shorter context (--context, max_seq_len)" in str(e.value)
 
 
 def test_inspect_reports_roles(tiny):

@@ -13,12 +13,24 @@ an H200 on the CPU. The `gpu` tests run the compiled kernels on bf16 inputs at m
 from __future__ import annotations
 
 import importlib
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from dsq.kernels import act_quant, fp8_gemm, fp8_gemm_q, fused_moe, fused_moe_ref, int4_gemm, moe_align
+from dsq.kernels import (
+    act_quant,
+    add_rms_norm,
+    fp8_gemm,
+    fp8_gemm_q,
+    fused_moe,
+    fused_moe_ref,
+    int4_gemm,
+    moe_align,
+    route,
+)
 from dsq.kernels.common import GemmConfig
+from dsq.model import Gate, RMSNorm
 from dsq.quant import (
     FP8,
     fp8_dequantize_weight,
@@ -143,8 +155,8 @@ FP8_CASES = [  # m, n, k, block, forced config
     (20, 150, 344, False, GemmConfig(16, 64, 128, 1)),
     (20, 150, 344, True, GemmConfig(16, 64, 128, 2)),
     (40, 130, 200, False, GemmConfig(32, 32, 64, 1)),  # channel scales allow any K step
-    (5, 150, 344, False, GemmConfig(16, 32, 128, 3)),  # in-kernel per-token quantization, split K
-    (7, 100, 344, True, GemmConfig(16, 16, 128, 2)),  # in-kernel per-group quantization, split K
+    (5, 150, 344, False, GemmConfig(16, 32, 128, 3)),  # decode tiles, per-token scales, split K
+    (7, 100, 344, True, GemmConfig(16, 16, 128, 2, stages=13)),  # decode pipeline, per-group scales, split K
 ]
 
 
@@ -367,3 +379,100 @@ def test_gpu_fused_moe_cuda_graph(m: int) -> None:
     graph.replay()
     torch.cuda.synchronize()
     _assert_moe_close(out, fused_moe_ref(x, ids, tw, w1, w2, w3), "fp8", rel=2**-7)
+
+
+# --- add_rms_norm -----------------------------------------------------------------------------------------
+@interp
+@pytest.mark.parametrize("m", [1, 3, 17, 64])
+@pytest.mark.parametrize(("k", "group"), [(2048, 128), (1536, None), (344, 128), (100, None)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("residual", [True, False])
+def test_add_rms_norm(m: int, k: int, group: int | None, dtype: torch.dtype, residual: bool) -> None:
+    """The sum is torch's bit for bit, the quantization act_quant's of the kernel's own output bit for bit, and the
+    norm differs from dsq.model.RMSNorm only by its fp32 mean being summed in another order."""
+    g = torch.Generator().manual_seed(m * k)
+    x = (torch.randn(m, k, generator=g) * 3).to(dtype)
+    r = torch.randn(m, k, generator=g).to(dtype) if residual else None
+    norm = RMSNorm(k, 1e-6, dtype)
+    norm.weight.copy_(torch.randn(k, generator=g))
+    got = add_rms_norm(x, norm.weight, norm.eps, r, quant=True, group=group)
+    s = x + r if residual else x
+    assert torch.equal(got.x, s)
+    q_ref, s_ref = fp8_quantize_act(got.out, group)
+    assert torch.equal(got.scale, s_ref)
+    assert torch.equal(got.q.view(torch.uint8), q_ref.view(torch.uint8))
+    # bound: the rms factors of two fp32 evaluations differ by delta <= (K - 1) u32 (two orders of one K-term
+    # sum, Higham 2002 eq. 4.4, halved by the square root) + 6 u32 (/K, +eps, rsqrt within 2 ulp, once each
+    # side); h = rnd(x r) then differs by |x r| (delta + 2 u) and out = rnd(w h) by |w| that + u (|out| + |ref|)
+    ref = norm(s)
+    xr = s.double() * torch.rsqrt(s.double().pow(2).mean(-1, keepdim=True) + norm.eps)
+    u = torch.finfo(dtype).eps / 2  # the unit roundoff of x's dtype
+    out, ref = got.out.double(), ref.double()
+    bound = norm.weight.double().abs() * xr.abs() * ((k + 5) * U + 2 * u) + u * (out.abs() + ref.abs())
+    assert ((out - ref).abs() <= bound).all()
+
+
+@interp
+def test_add_rms_norm_without_quantization_keeps_3d_shape() -> None:
+    x = torch.randn(2, 5, 64).to(torch.bfloat16)
+    w = torch.randn(64).to(torch.bfloat16)
+    got = add_rms_norm(x, w, 1e-6, x)
+    assert got.q is None and got.scale is None and got.out.shape == x.shape
+    assert torch.equal(got.x, x + x)
+
+
+# --- route ------------------------------------------------------------------------------------------------
+GATES = {  # experts, top-k, groups, kept groups, normalise, scale
+    "v2-lite": (64, 6, 1, 1, False, 1.0),
+    "v2": (160, 6, 8, 3, False, 16.0),
+    "small-groups": (20, 3, 4, 2, True, 1.0),  # 5 experts per group: nothing a power of two
+}
+
+
+def _gate(name: str, hidden: int, backend: str) -> Gate:
+    e, k, groups, kept, norm, scale = GATES[name]
+    cfg = SimpleNamespace(n_routed_experts=e, hidden_size=hidden, num_experts_per_tok=k, n_group=groups,
+                          topk_group=kept, norm_topk_prob=norm, routed_scaling_factor=scale,
+                          topk_method="group_limited_greedy" if groups > 1 else "greedy")
+    return Gate(cfg, backend)
+
+
+@interp
+@pytest.mark.parametrize("m", [1, 3, 17, 64])
+@pytest.mark.parametrize("name", list(GATES))
+def test_router_equals_gate(m: int, name: str) -> None:
+    """Random logits (ties have probability ~0): the torch Gate's experts, and its weights to within rounding."""
+    hidden = 96
+    g = torch.Generator().manual_seed(m)
+    ref_gate, gate = _gate(name, hidden, "torch"), _gate(name, hidden, "triton")
+    ref_gate.weight.copy_(torch.randn(ref_gate.weight.shape, generator=g))
+    gate.weight.copy_(ref_gate.weight)
+    x = torch.randn(m, hidden, generator=g)
+    w_ref, id_ref = ref_gate(x)
+    w, ids = gate(x)
+    assert ids.dtype == torch.int64 and ids.is_contiguous() and w.dtype == torch.float32
+    order, order_ref = ids.argsort(dim=-1), id_ref.argsort(dim=-1)  # torch's top-k slots are unordered
+    assert torch.equal(ids.gather(1, order), id_ref.gather(1, order_ref))
+    # descending weights (the documented slot order)
+    assert (w[:, :-1] >= w[:, 1:]).all()
+    # bound: a softmax score is exp / (sum of E exps): each exp within 1 ulp (2u of each other), the sums in two
+    # orders 2(E - 1)u apart, the division u each side; normalising adds 2(k - 1)u + 2u and doubles the score
+    # error (numerator and denominator); scaling adds 2u
+    e, k = GATES[name][:2]
+    rel = (2 * (2 * e + 2) + 2 * k + 2) * U
+    w_sorted, w_ref_sorted = w.gather(1, order), w_ref.gather(1, order_ref)
+    assert ((w_sorted - w_ref_sorted).abs() <= rel * w_ref_sorted.abs()).all()
+
+
+@interp
+def test_router_ties_go_to_the_lower_index() -> None:
+    """Equal logits: the lower expert id wins and the slots list ties by ascending id; equal group maxima: the
+    lower group is kept."""
+    logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 2.0, -1.0, 0.5, 2.0]])
+    w, ids = route(logits, 3)
+    assert ids.tolist() == [[1, 3, 4]]
+    assert w[0, 0] == w[0, 1] == w[0, 2]  # equal logits, equal weights
+    # 4 groups of 2; groups 0, 1, 2 tie at max 1.0, group 3 is lower: groups 0 and 1 are kept
+    logits = torch.tensor([[1.0, 0.2, 0.9, 1.0, 1.0, 0.8, 0.0, -1.0]])
+    _, ids = route(logits, 3, groups=4, topk_groups=2)
+    assert ids.tolist() == [[0, 3, 2]]

@@ -312,11 +312,32 @@ def test_decode_into_out_buffer() -> None:
 
 def test_default_num_splits() -> None:
     """Host-side shapes only (so a captured graph's grid is fixed); H200 has 132 SMs."""
-    assert default_num_splits(1, 16, 100, 132) == 1  # too short to split
-    assert default_num_splits(1, 16, 8192, 132) == 16  # >= 512 tokens per split
-    assert default_num_splits(64, 16, 8192, 132) == 5  # ~2 waves of programs
-    assert default_num_splits(1, 16, 1 << 17, 132) == 128  # the cap
-    assert default_num_splits(8, 128, 32768, 132) == 5  # 8 head tiles per sequence
+    assert default_num_splits(1, 16, 31, 132) == 1  # under one 32-token tile: no split
+    assert default_num_splits(1, 16, 1024, 132) == 32  # >= 32 tokens per split
+    assert default_num_splits(1, 16, 4224, 132) == 132  # one program per SM from 132 x 32 tokens on
+    assert default_num_splits(1, 16, 1 << 17, 132) == 132  # no more than one wave
+    assert default_num_splits(64, 16, 8192, 132) == 3  # 64 sequences x 3 splits >= 132 programs
+    assert default_num_splits(8, 128, 32768, 132) == 3  # 8 head tiles per sequence
+
+
+@pytest.mark.parametrize("splits", [1, 2, 5, 16, 17, 40])
+def test_decode_any_split_count(splits: int) -> None:
+    """The reduce merges any number of splits, 16 at a time (17: a part-filled last chunk); 40 splits of
+    a 1- and a 37-token context leave most splits empty, and the 0-token one has no split at all."""
+    gen = torch.Generator().manual_seed(7)
+    lens, page = [300, 1, 37, 0], 16
+    num_blocks = sum(triton.cdiv(n, page) for n in lens) + 2
+    pool = _filled_pool("fp8", num_blocks, page, seed=7)
+    table = _block_table(lens, page, num_blocks, gen)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    q, qp = _queries(len(lens), 16, gen)
+    got = mla_decode(q, qp, pool, table, seq_lens, 0.1, num_splits=splits)
+    want = mla_decode_ref(q, qp, pool, table, seq_lens, 0.1)
+    for b, n in enumerate(lens):  # fp32 queries: the interpreter's fp32 dots, bound as the cases above
+        if n == 0:
+            assert got[b].abs().sum() == 0
+        else:
+            assert _rel(got[b], want[b]) < 1e-5
 
 
 # ------------------------------------------------------------------------------------------- GPU

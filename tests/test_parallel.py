@@ -17,17 +17,20 @@ import pytest
 import torch
 from rich.console import Console
 from tiny import V2, endless, make_tiny
+from typer.testing import CliRunner
 
 import dsq
 import dsq.engine.engine
+import dsq.launch
 import dsq.quant
 from dsq.cache import bytes_per_token
 from dsq.checkpoint import Checkpoint
+from dsq.cli.main import app
 from dsq.config import Config
 from dsq.demo import write_tokenizer
 from dsq.errors import DsqError
 from dsq.formats import Scheme
-from dsq.launch import TIMEOUT
+from dsq.launch import START, TIMEOUT
 from dsq.loader import checkpoint_tensors, load_model, read_config
 from dsq.memory import cache_tokens, weight_bytes
 from dsq.parallel import shard_plan as plan
@@ -301,6 +304,45 @@ def test_a_failed_rank_stops_the_job(ckpts, how):
         assert "dsq: rank 1 died (exit code 3); stopped the other ranks" in done.stderr
     else:
         assert "another rank has died or stalled (Timed out waiting 3000ms" in done.stderr
+
+
+@pytest.mark.parametrize("how", ["exit", "hang"])
+def test_a_rank_that_fails_while_starting_ends_the_job(ckpts, how):
+    """Rank 1 fails while importing, before it joins rank 0's rendezvous. It exits: the watchdog names it at
+    once (the rendezvous alone would wait the 300 s default of DSQ_START_TIMEOUT, past this subprocess's
+    timeout). It hangs: rank 0 gives up after DSQ_START_TIMEOUT, here 5 s, and stops it."""
+    env = {k: v for k, v in os.environ.items() if k != START} | ({START: "5"} if how == "hang" else {})
+    done = subprocess.run([*FAULTS, "start", "1", how, "generate", str(ckpts["v2"]), "--tp", "2", "--ids",
+                           "--prompt", "1 2 3", "--max-new-tokens", "2"],
+                          capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    if how == "exit":
+        assert lines == ["dsq: rank 1 died (exit code 1); stopped the other ranks",
+                         "rank 1: ImportError: rank 1 fails while importing (injected)"], done.stderr
+    else:
+        assert len(lines) == 1 and "rank 0: the 2 ranks did not all join within DSQ_START_TIMEOUT=5 s" in lines[0], \
+            done.stderr
+
+
+def test_tp_is_checked_before_a_rank_is_spawned(ckpts, monkeypatch):
+    """--tp N that the model cannot split, or that has too few cores or GPUs to run on, is one line before
+    `launch` starts anything; tp=N through the API is refused by the plan before joining a process group."""
+    monkeypatch.setattr(dsq.launch, "launch", lambda *args: pytest.fail("ranks were spawned"))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    gen = ["generate", str(ckpts["v2"]), "--ids", "--prompt", "1", "--max-new-tokens", "1", "--tp"]
+    cases = [(["7"], "--tp 7: cannot split 6 attention heads over 7 ranks; use fewer ranks"),
+             (["3"], "--tp 3: only 2 CPU core(s) are available to this process; use --tp 2 or fewer")]
+    for args, fragment in cases:
+        result = CliRunner().invoke(app, gen + args)
+        assert result.exit_code == 1 and result.stderr.strip() == f"error: {fragment}", result.output
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    result = CliRunner().invoke(app, [*gen, "3", "--device", "cuda"])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == "error: --tp 3: only 2 GPU(s) are visible, one per rank; use --tp 2 or fewer"
+    with pytest.raises(DsqError, match=r"^tp=7: cannot split 6 attention heads over 7 ranks; use fewer ranks$"):
+        dsq.load_quantized(ckpts["v2"], tp=7)  # without the plan first: "tp=7 needs 7 processes"
 
 
 def test_chat_tp_follows_rank_0_through_ctrl_c(ckpts, tmp_path):

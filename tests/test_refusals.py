@@ -155,6 +155,26 @@ ROWS = [
     ("lie-heads", False, config(num_attention_heads=8, num_key_value_heads=8), LOAD, "kv_b_proj.weight has shape"),
     ("lie-layers", False, config(num_hidden_layers=30), LOAD, "holds 3 layers, config.json says num_hidden_layers=30"),
     ("lie-experts", False, config(n_routed_experts=64), LOAD, "layer 1 holds 8 routed experts"),
+    # --tp checked against the model before any rank is spawned (issue 11 point 6)
+    ("tp-over-heads", False, lambda folder: None, ((*GEN, "--tp", "64"),),
+     "--tp 64: cannot split 4 attention heads over 64 ranks; use fewer ranks"),
+    # issue 11 point 4 / issue 12 point 5: quantize checks its source as the loader does (the same messages),
+    # refuses what its options cannot do, and an unfinished quantize output (what a killed `dsq quantize SRC
+    # DIR` leaves: shards and .dsq-progress.json, no config.json yet) says how to finish it
+    ("cfg-not-json", False, lambda f: (f / "config.json").write_text("{"), ALL, "config.json: not valid JSON"),
+    ("src-missing-tensor", False, tensors(lambda sd: sd.pop("model.layers.1.mlp.experts.3.up_proj.weight")), LOAD,
+     "missing tensor(s) model.layers.1.mlp.experts.3.up_proj.weight;"),
+    ("src-extra-tensor", False, tensors(lambda sd: sd.__setitem__("model.layers.0.mlp.extra.weight", sd[NORM] + 1)),
+     LOAD, "unexpected tensor(s) model.layers.0.mlp.extra.weight;"),
+    ("src-shape", False, tensors(edit("model.layers.0.input_layernorm.weight", lambda t: t[:64].clone())), LOAD,
+     "model.layers.0.input_layernorm.weight has shape [64], the config implies [128]"),
+    ("src-int-dtype", False, tensors(edit("model.layers.0.input_layernorm.weight", lambda t: t.int())), (QUANTIZE,),
+     "model.layers.0.input_layernorm.weight has dtype I32"),
+    ("unfinished-output", False, lambda f: ((f / "config.json").unlink(), (f / ".dsq-progress.json").write_text(
+        json.dumps({"source": "SRC"}))), LOAD,
+     "is an unfinished dsq quantize output (no config.json yet); run `dsq quantize SRC "),
+    ("asymmetric-fp8", False, lambda f: None, (("quantize", "--experts", "fp8", "--asymmetric"),),
+     "--asymmetric: applies to INT4 experts only, not --experts fp8"),
 ]
 SUBPROCESS = {"cfg-vocab-1e12": GEN, "shard-dev-zero": QUANTIZE, "header-length": INSPECT}  # under LIMIT
 
