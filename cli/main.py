@@ -315,25 +315,13 @@ def serve(
 ) -> None:
     """Serve a model over the OpenAI API (/v1/models, /v1/completions, /v1/chat/completions) with continuous
     batching; SIGINT or SIGTERM stops it."""
-    from dsq.cache import KV_CACHE_DTYPES
-    from dsq.cli.serve import check_port, run_serve
+    from dsq.cli.serve import check_flags, run_serve
 
-    if tp > 1:
-        raise DsqError(f"--tp {tp}: dsq serve runs on one device for now; use --tp 1 (dsq generate and dsq chat "
-                       "take --tp)")
-    if kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise DsqError(f"--kv-cache-dtype {kv_cache_dtype}: give one of {', '.join(KV_CACHE_DTYPES)}")
-    if not 0 < gpu_memory_utilization <= 1:  # NaN fails this too
-        raise DsqError(f"--gpu-memory-utilization {gpu_memory_utilization}: give a number in (0, 1]")
+    check_flags(tp, kv_cache_dtype, gpu_memory_utilization, host, port)
     check_device(device)
     use_threads(threads, tp)
-    check_port(host, port)
     folder, cfg = model_config(model, revision)
-    if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
-        raise DsqError(f"--max-model-len {max_model_len} is above this model's maximum of "
-                       f"{cfg.max_position_embeddings} tokens (max_position_embeddings)")
-    max_model_len = max_model_len or min(4096, cfg.max_position_embeddings)
-    run_serve(folder, model, host, port, max_model_len, kv_cache_dtype, gpu_memory_utilization,
+    run_serve(folder, cfg, model, host, port, max_model_len, kv_cache_dtype, gpu_memory_utilization,
               served_model_name or model, api_key, device, console)
 
 

@@ -8,13 +8,28 @@ from __future__ import annotations
 
 import errno
 import socket
+from pathlib import Path
 
 from rich.console import Console
 
+from dsq.config import Config
 from dsq.errors import DsqError
 
 PAGE_SIZE = 64  # tokens per page of the latent cache, the MLA decode kernel's block
 CPU_SEQUENCES = 8  # on CPU (no memory planner), the pool holds this many sequences of --max-model-len
+
+
+def check_flags(tp: int, kv_cache_dtype: str, gpu_memory_utilization: float, host: str, port: int) -> None:
+    from dsq.cache import KV_CACHE_DTYPES
+
+    if tp > 1:
+        raise DsqError(f"--tp {tp}: dsq serve runs on one device for now; use --tp 1 (dsq generate and dsq chat "
+                       "take --tp)")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise DsqError(f"--kv-cache-dtype {kv_cache_dtype}: give one of {', '.join(KV_CACHE_DTYPES)}")
+    if not 0 < gpu_memory_utilization <= 1:  # NaN fails this too
+        raise DsqError(f"--gpu-memory-utilization {gpu_memory_utilization}: give a number in (0, 1]")
+    check_port(host, port)
 
 
 def check_port(host: str, port: int) -> None:
@@ -44,14 +59,19 @@ def pool_pages(net, max_model_len: int) -> int:
     return pages
 
 
-def run_serve(folder, model: str, host: str, port: int, max_model_len: int, kv_cache_dtype: str,
-              gpu_memory_utilization: float, served_model_name: str, api_key: str | None, device: str,
-              console: Console) -> None:
+def run_serve(folder: Path, cfg: Config, model: str, host: str, port: int, max_model_len: int | None,
+              kv_cache_dtype: str, gpu_memory_utilization: float, served_model_name: str, api_key: str | None,
+              device: str, console: Console) -> None:
+    """Load the model (config `cfg` read from `folder`) and serve it until SIGINT or SIGTERM."""
     from dsq import load_quantized
     from dsq.engine import Engine
     from dsq.engine.runner import ModelRunner
     from dsq.server import serve
 
+    if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
+        raise DsqError(f"--max-model-len {max_model_len} is above this model's maximum of "
+                       f"{cfg.max_position_embeddings} tokens (max_position_embeddings)")
+    max_model_len = max_model_len or min(4096, cfg.max_position_embeddings)
     with console.status("loading model"):
         m = load_quantized(folder, device=device, max_seq_len=max_model_len, kv_cache_dtype=kv_cache_dtype,
                            gpu_memory_utilization=gpu_memory_utilization)
@@ -61,10 +81,10 @@ def run_serve(folder, model: str, host: str, port: int, max_model_len: int, kv_c
     engine = Engine(runner)
     url = f"http://{host}:{port}/v1"
     console.print(f"dsq serve: {served_model_name} at {url} ({runner.num_pages * PAGE_SIZE:,} cache tokens, "
-                  f"context {max_model_len:,}); Ctrl-C stops", highlight=False)
+                  f"context {max_model_len:,}); Ctrl-C stops", highlight=False, soft_wrap=True)
     auth = f' -H "Authorization: Bearer {api_key}"' if api_key else ""
     console.print(f"  try: curl {url}/models{auth}\n"
                   f'  or:  OpenAI(base_url="{url}", api_key="{api_key or "none"}").chat.completions.create('
                   f'model="{served_model_name}", messages=[{{"role": "user", "content": "Hi"}}])',
-                  markup=False, highlight=False)
+                  markup=False, highlight=False, soft_wrap=True)
     serve(engine, m.tokenizer, served_model_name, host, port, api_key, max_model_len)
