@@ -8,11 +8,12 @@ from typing import Any, overload
 
 import torch
 
-from dsq.cache import KV_CACHE_DTYPES
+from dsq.cache import KV_CACHE_DTYPES, Attention
 from dsq.checkpoint import resolve
+from dsq.engine import Engine, Request, SamplingParams
+from dsq.engine.runner import ModelRunner
 from dsq.errors import DsqError
 from dsq.formats import SCHEMES, Int4Group, Scheme
-from dsq.generate import Sampling, generate, steps
 from dsq.launch import init
 from dsq.layers import BACKENDS
 from dsq.loader import load_model, read_config
@@ -93,18 +94,32 @@ def check_fits(folder: Path, device: torch.device, dtype: torch.dtype, kv_cache_
                 int4_experts=int4)
 
 
+CPU_BATCH = 4  # sequences of max_seq_len the CPU cache holds at once (more wait their turn, or are preempted)
+PAGE_SIZE = 64
+
+
 class Model:
-    """A loaded model: full-forward logits, batched generation, and chat in the model's template."""
+    """A loaded model: full-forward logits, batched generation, and chat in the model's template. Generation
+    runs on one engine (dsq.engine) whose page pools are allocated on first use and kept."""
 
     def __init__(self, net: Transformer, tokenizer: Tokenizer | None, folder: Path, max_seq_len: int | None = None,
                  graphs: bool = False):
         self.net, self.tokenizer, self.folder, self.graphs = net, tokenizer, folder, graphs
         self.cfg = net.cfg
         self.max_seq_len = min(max_seq_len or net.cfg.max_position_embeddings, net.cfg.max_position_embeddings)
+        # what the planner sized on a GPU; on the CPU a few sequences of max_seq_len (default 4096, as planned)
+        self.cache_tokens = net.cache_tokens or CPU_BATCH * min(self.max_seq_len, max_seq_len or 4096)
+        self._engine: Engine | None = None
 
     @property
     def device(self) -> torch.device:
         return self.net.inv_freq.device
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = Engine(ModelRunner(self.net, max(1, self.cache_tokens // PAGE_SIZE), PAGE_SIZE))
+        return self._engine
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """float32 logits [B, T, vocab] of a full forward from an empty cache."""
@@ -112,10 +127,49 @@ class Model:
             raise DsqError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
         if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.cfg.vocab_size:
             raise DsqError(f"input_ids must be in [0, {self.cfg.vocab_size})")
-        ids = input_ids.to(self.device)
-        pos = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
-        return self.net(ids, pos)
+        b, t = input_ids.shape
+        per = -(-t // PAGE_SIZE)  # pages per row, in a cache of this call's own
+        seqs = [(i * t, t, t, list(range(i * per, (i + 1) * per))) for i in range(b)]
+        slots = [(i * per + p // PAGE_SIZE) * PAGE_SIZE + p % PAGE_SIZE for i in range(b) for p in range(t)]
+        attn = Attention.build(self.net.new_cache(b * per, PAGE_SIZE), seqs, slots, self.device)
+        pos = torch.arange(t, device=self.device).repeat(b)
+        return self.net(input_ids.to(self.device).flatten(), pos, attn).view(b, t, -1)
 
+    def _params(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+                seed: int | None) -> SamplingParams:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise DsqError("every prompt needs at least one token")
+        vocab = self.cfg.vocab_size
+        if any(not 0 <= t < vocab for p in prompts for t in p):
+            raise DsqError(f"prompt token ids must be in [0, {vocab})")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.max_seq_len:
+            raise DsqError(f"prompt ({longest} tokens) + max new tokens ({max_new_tokens}) exceeds the context of "
+                           f"{self.max_seq_len} tokens; shorten the prompt or ask for fewer tokens")
+        if not temperature < float("inf"):
+            raise DsqError(f"temperature must be a number >= 0, got {temperature}")
+        eos = self.cfg.eos_token_id
+        return SamplingParams(temperature, top_p, top_k, seed, max_new_tokens, () if eos is None else (eos,))
+
+    def run(self, prompts: list[list[int]], params: SamplingParams,
+            stream: Callable[[int, Request, int | None], None] | None = None) -> list[Request]:
+        """Run prompts to the end on the engine, on this thread; `stream(i, request, token)` sees each new
+        token of prompt i (None when it finishes) and may cancel the request."""
+        engine = self.engine
+        reqs: list[Request] = []
+        try:
+            for i, p in enumerate(prompts):
+                cb = (lambda token, i=i: stream(i, reqs[i], token)) if stream is not None else None
+                reqs.append(engine.add_request(p, params, cb))
+            while not all(r.done.is_set() for r in reqs):
+                engine.step()
+        finally:  # interrupted (Ctrl-C, a closed iterator): free what is left
+            for r in reqs:
+                if not r.done.is_set():
+                    engine.cancel(r)
+            while any(not r.done.is_set() for r in reqs):
+                engine.step()
+        return reqs
     @overload
     def generate(self, prompts: str, **kw: Any) -> str: ...
     @overload
@@ -137,12 +191,17 @@ class Model:
         if (text or stop) and self.tokenizer is None:
             raise DsqError(f"{self.folder}: no tokenizer.json, so text prompts and stop strings can't be used")
         ids = [self.tokenizer.encode(p) for p in batch] if text else batch
-        stop_fn = None
-        if stop:
-            def stop_fn(i: int, tokens: list[int]) -> bool:
-                return any(s in self.tokenizer.decode(tokens) for s in stop)
-        out = generate(self.net, ids, max_new_tokens, Sampling(temperature, top_k, top_p), self.cfg.eos_token_id,
-                       stop_fn, on_token, seed, self.max_seq_len, self.graphs)
+        params = self._params(ids, max_new_tokens, temperature, top_p, top_k, seed)
+
+        def stream(i: int, req: Request, token: int | None) -> None:
+            if token is None:
+                return
+            if on_token is not None:
+                on_token(i, token)
+            if stop and any(s in self.tokenizer.decode(req.output) for s in stop):
+                self.engine.cancel(req)
+
+        out = [r.output for r in self.run(ids, params, stream)]
         if text:
             out = [self._cut(self.tokenizer.decode(t), stop) for t in out]
         return out[0] if single else out
@@ -155,16 +214,31 @@ class Model:
             raise DsqError(f"{self.folder}: no tokenizer.json, so chat is not possible")
         ids = self.tokenizer.encode_chat(messages)
         stream, text = TextStream(self.tokenizer), ""
-        for (token,) in steps(self.net, [ids], max_new_tokens, Sampling(temperature, top_k, top_p), seed,
-                              self.max_seq_len, graphs=self.graphs):
-            if token == self.cfg.eos_token_id:
-                return
+        for token in self.stream(ids, self._params([ids], max_new_tokens, temperature, top_p, top_k, seed)):
             piece = stream.push(token)
             if stop and any(s in text + piece for s in stop):
                 yield self._cut(text + piece, stop)[len(text):]
                 return
             text += piece
             yield piece
+
+    def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[int]:
+        """One prompt's new tokens as the engine makes them (eos not included); closing the iterator early
+        cancels the request and frees its pages."""
+        made: list[int] = []
+        engine, req = self.engine, None
+        try:
+            req = engine.add_request(prompt, params, lambda token: token is not None and made.append(token))
+            while not req.done.is_set() or made:
+                if not made:
+                    engine.step()
+                while made:
+                    yield made.pop(0)
+        finally:
+            if req is not None and not req.done.is_set():
+                engine.cancel(req)
+                while not req.done.is_set():
+                    engine.step()
 
     @staticmethod
     def _cut(text: str, stop: list[str] | None) -> str:

@@ -1,14 +1,17 @@
-"""The MLA latent cache, paged: per layer a pool of fixed-size token blocks, and a block table per sequence.
+"""The MLA latent cache, paged: per layer a pool of fixed-size pages of token slots, allocated once, and the
+attention metadata of one forward step (where its new tokens go, what each sequence attends).
 
 Per token and layer it holds RMSNorm(c) [kv_lora_rank] and the roped k_pe [rope dim], in one of the
 layouts of dsq.kernels.mla_cache: "fp8" (FlashMLA's: e4m3 latent with a scale per 128 channels, bf16 rope
 part, 656 B for V2), "bf16" (1,152 B), or "fp32" (the exact reference of the CPU runtime). Writing fuses
-RMSNorm + rope + quantization; decode attends the latents themselves (`attend`), and a prefill chunk that
-continues a cache expands them per head (`latents`)."""
+RMSNorm + rope + quantization. A decode (one new token after a cached context) attends the latents
+themselves through its page table (`Attention.decode`); a prefill chunk that continues a cached prefix
+expands them per head (`Attention.latents`). Which pages a sequence owns is the engine's business
+(dsq/engine/pages.py); the cache only stores and reads slots."""
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 
@@ -21,6 +24,7 @@ from dsq.kernels.mla_cache import (
     write_latent_cache,
     write_latent_cache_ref,
 )
+from dsq.kernels.mla_decode import mla_decode, mla_decode_ref
 
 KV_CACHE_DTYPES = ("fp8", "bf16", "fp32")
 
@@ -30,54 +34,86 @@ def bytes_per_token(cfg: Config, kv_cache_dtype: str) -> int:
     return cfg.num_hidden_layers * cache_bytes_per_token(kv_cache_dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim)
 
 
-class PagedCache:
-    def __init__(self, cfg: Config, batch: int, max_len: int, kv_cache_dtype: str = "fp8",
-                 device: torch.device | str = "cpu", backend: str = "torch", block_size: int = 64):
+class LatentCache:
+    """The page pools of every layer: `num_pages` pages of `page_size` slots; slot = page * page_size + offset."""
+
+    def __init__(self, cfg: Config, num_pages: int, page_size: int = 64, kv_cache_dtype: str = "fp8",
+                 device: torch.device | str = "cpu", backend: str = "torch"):
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise DsqError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
-        self.kv_cache_dtype, self.backend, self.max_len, self.block_size = kv_cache_dtype, backend, max_len, block_size
-        per_seq = math.ceil(max_len / block_size)
-        self.block_table = torch.arange(batch * per_seq, dtype=torch.int32, device=device).view(batch, per_seq)
-        self.pools = [alloc_pool(batch * per_seq, block_size, kv_cache_dtype, device, cfg.kv_lora_rank,
+        self.kv_cache_dtype, self.backend = kv_cache_dtype, backend
+        self.num_pages, self.page_size = num_pages, page_size
+        self.pools = [alloc_pool(num_pages, page_size, kv_cache_dtype, device, cfg.kv_lora_rank,
                                  cfg.qk_rope_head_dim) for _ in range(cfg.num_hidden_layers)]
 
     @property
     def kernels(self) -> bool:
         return self.backend == "triton" and self.kv_cache_dtype != "fp32"
 
-    def _slots(self, pos: torch.Tensor) -> torch.Tensor:
-        block = self.block_table.gather(1, pos // self.block_size).long()
-        return (block * self.block_size + pos % self.block_size).flatten()
-
-    def write(self, layer: int, pos: torch.Tensor, kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+    def write(self, layer: int, slots: torch.Tensor, kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float,
               cos: torch.Tensor, sin: torch.Tensor) -> None:
-        """Store new tokens from the kv_a_proj_with_mqa output [B, T, C+R] at positions pos [B, T], RMSNorm'd
-        and roped with cos/sin [B, T, R/2] on the way."""
+        """Store new tokens from the kv_a_proj_with_mqa output [N, C+R] at slots [N], RMSNorm'd and roped with
+        cos/sin [N, R/2] on the way."""
         write = write_latent_cache if self.kernels else write_latent_cache_ref
-        half = cos.shape[-1]
-        write(self.pools[layer], kv_a.reshape(-1, kv_a.shape[-1]), norm_weight, eps,
-              cos.reshape(-1, half).float().contiguous(), sin.reshape(-1, half).float().contiguous(), self._slots(pos))
+        write(self.pools[layer], kv_a, norm_weight, eps, cos.float().contiguous(), sin.float().contiguous(), slots)
 
-    def latents(self, layer: int, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached latents [B, S, C] and rope keys [B, S, R] (fp32) of positions 0..max(pos), for queries at
-        pos [B, T]; slots past a sequence's last position read as zeros."""
-        rows = self.block_table[: pos.shape[0]]  # a graph bucket's cache may hold more rows than this batch
-        return gather_latents(self.pools[layer], rows, (pos.amax(dim=1) + 1).int(), int(pos.max()) + 1)
 
-    def attend(self, layer: int, q_lat: torch.Tensor, q_pe: torch.Tensor, pos: torch.Tensor,
-               scale: float) -> torch.Tensor:
-        """Absorbed attention: o_lat [B, T, H, C] (fp32) for latent queries q_lat [B, T, H, C] and roped
-        q_pe [B, T, H, R] at positions pos [B, T]; each query sees the cached tokens at positions <= its own."""
-        pool = self.pools[layer]
-        if self.kernels and q_lat.shape[1] == 1:
-            from dsq.kernels.mla_decode import mla_decode
+@dataclass(frozen=True)
+class Prefill:
+    """A prefill chunk: new tokens [start, start + length) of the step, the last `length` of `context`
+    positions; `pages` [1, max_pages] int32 is its page table."""
 
-            lens = (pos[:, 0] + 1).int()
-            return mla_decode(q_lat[:, 0].contiguous(), q_pe[:, 0].contiguous(), pool, self.block_table, lens,
-                              scale, max_seq_len=self.max_len)[:, None].float()
-        lat, pe = self.latents(layer, pos)
-        used = lat.shape[1]
-        scores = torch.einsum("bthc,bsc->bhts", q_lat.float(), lat) + torch.einsum("bthr,bsr->bhts", q_pe.float(), pe)
-        seen = torch.arange(used, device=pos.device) <= pos[:, None, :, None]
-        probs = (scores * scale).masked_fill(~seen, float("-inf")).softmax(dim=-1)
-        return torch.einsum("bhts,bsc->bthc", probs, lat)
+    start: int
+    length: int
+    context: int
+    pages: torch.Tensor
+
+    @property
+    def fresh(self) -> bool:
+        """Nothing cached before it: it attends its own exact latents, not the cache's rounded ones."""
+        return self.context == self.length
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Where a step's tokens are cached and what they attend. `slots` [N]: each new token's slot. Decodes:
+    their rows [Bd] in the step, page tables [Bd, max_pages] int32 and context lengths [Bd] int32 (a CUDA
+    graph replays them with new contents); `max_context` bounds the lengths (host-side, for the kernel's
+    split count). Prefill chunks are listed one by one."""
+
+    cache: LatentCache
+    slots: torch.Tensor
+    decode_rows: torch.Tensor
+    decode_pages: torch.Tensor
+    decode_lens: torch.Tensor
+    max_context: int
+    prefills: tuple[Prefill, ...] = ()
+
+    @classmethod
+    def build(cls, cache: LatentCache, seqs: list[tuple[int, int, int, list[int]]], slots: list[int],
+              device: torch.device | str) -> Attention:
+        """From host-side lists: per sequence (start, length, context, pages), and every new token's slot."""
+        as_int = lambda rows: torch.tensor(rows, dtype=torch.int32, device=device)
+        width = max((len(p) for *_, p in seqs), default=1)
+        decodes = [s for s in seqs if s[1] == 1 and s[2] > 1]
+        prefills = tuple(Prefill(start, n, ctx, as_int([pages])) for start, n, ctx, pages in seqs
+                         if not (n == 1 and ctx > 1))
+        return cls(cache, torch.tensor(slots, dtype=torch.long, device=device),
+                   torch.tensor([s[0] for s in decodes], dtype=torch.long, device=device),
+                   as_int([p + [0] * (width - len(p)) for *_, p in decodes]).view(len(decodes), width),
+                   as_int([s[2] for s in decodes]), max((s[2] for s in decodes), default=1), prefills)
+
+    def latents(self, layer: int, seq: Prefill) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sequence's cached latents [S, C] and rope keys [S, R] (fp32) of positions 0..context-1."""
+        lens = torch.full((1,), seq.context, dtype=torch.int32, device=seq.pages.device)
+        kv, pe = gather_latents(self.cache.pools[layer], seq.pages, lens, seq.context)
+        return kv[0], pe[0]
+
+    def decode(self, layer: int, q_lat: torch.Tensor, q_pe: torch.Tensor, scale: float) -> torch.Tensor:
+        """Absorbed attention of the decodes: o_lat [Bd, H, C] (fp32) for latent queries q_lat [Bd, H, C] and
+        roped q_pe [Bd, H, R]; each sees its whole context, its new token included."""
+        pool = self.cache.pools[layer]
+        if self.cache.kernels:
+            return mla_decode(q_lat.contiguous(), q_pe.contiguous(), pool, self.decode_pages, self.decode_lens,
+                              scale, max_seq_len=self.max_context).float()
+        return mla_decode_ref(q_lat, q_pe, pool, self.decode_pages, self.decode_lens, scale, self.max_context)

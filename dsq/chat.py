@@ -1,4 +1,5 @@
-"""Multi-turn chat: a session that keeps the latent cache between turns, and the terminal loop of `dsq chat`."""
+"""Multi-turn chat: a session whose turns continue their cache through the engine's prefix reuse, and the
+terminal loop of `dsq chat`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from rich.console import Console
 
 from dsq.api import Model
 from dsq.errors import DsqError
-from dsq.generate import GREEDY, Sampling, steps
+from dsq.generate import GREEDY, Sampling
 from dsq.tokenizer import TextStream
 
 HELP = """/system TEXT  set the system prompt (starts a new conversation)
@@ -37,7 +38,8 @@ class ChatConsole(Console):
 
 
 class ChatSession:
-    """A conversation whose tokens stay in the cache: each turn only runs the tokens not seen before."""
+    """A conversation whose tokens stay in the engine's cache: the pages of the full blocks it shares with the
+    previous turn (system prompt, earlier turns) are reused, so a turn mostly runs the tokens not seen before."""
 
     def __init__(self, model: Model, context: int = 4096, system: str | None = None):
         if model.tokenizer is None:
@@ -46,14 +48,12 @@ class ChatSession:
             raise DsqError(f"context {context} is above the model's maximum of {model.max_seq_len} tokens")
         self.model, self.context = model, context
         self.system = system
-        self.cache = model.net.new_cache(1, self.context)
         self.messages: list[dict[str, str]] = []
-        self.cached: list[int] = []  # the tokens whose latents sit in the cache, in order
         self.dropped = 0  # turns dropped to fit the context
         self.stats = {"tokens": 0, "seconds": 0.0, "cut": False}  # cut: the reply reached max_new_tokens
 
     def clear(self, system: str | None = None) -> None:
-        self.system, self.messages, self.cached = system, [], []
+        self.system, self.messages = system, []
 
     def _conversation(self, add_generation_prompt: bool = True, messages: list[dict[str, str]] | None = None
                       ) -> list[int]:
@@ -81,27 +81,18 @@ class ChatSession:
         """Stream the assistant's reply to `text`. Closing the iterator early keeps the partial reply."""
         self.messages.append({"role": "user", "content": text})
         ids = self._prompt(max_new_tokens)
-        reuse = 0
-        while reuse < min(len(ids) - 1, len(self.cached)) and ids[reuse] == self.cached[reuse]:
-            reuse += 1  # at least one new token is run, to get the next-token logits
-        self.cached = ids[:reuse]
-        stream, answer = TextStream(self.model.tokenizer), ""
-        t0, n, eos = time.perf_counter(), 0, False
+        model = self.model
+        params = model._params([ids], max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k, seed)
+        stream, answer = TextStream(model.tokenizer), ""
+        t0, n, eos = time.perf_counter(), 0, True
         try:
-            for (token,) in steps(self.model.net, [ids[reuse:]], max_new_tokens, sampling, seed, self.context,
-                                  cache=self.cache, start=[reuse], graphs=self.model.graphs):
-                if n == 0:
-                    self.cached = list(ids)
+            for token in model.stream(ids, params):
                 n += 1
-                self.cached.append(token)
-                if token == self.model.cfg.eos_token_id:
-                    eos = True
-                    break
                 piece = stream.push(token)
                 answer += piece
                 yield piece
+            eos = n < max_new_tokens
         finally:
-            self.cached = self.cached[:-1] if self.cached and n else self.cached  # the last token was never run
             self.messages.append({"role": "assistant", "content": answer.strip()})
             self.stats = {"tokens": n, "seconds": time.perf_counter() - t0, "cut": n == max_new_tokens and not eos}
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsq.cache import PagedCache
+from dsq.cache import Attention, LatentCache
 from dsq.config import Config
 from dsq.formats import Scheme
 from dsq.layers import Build, project
@@ -58,8 +58,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class MLA(nn.Module):
-    """Multi-head latent attention. Naive path (prefill): expand K/V per head from the latent.
-    Absorbed path (decode): fold W_UK into the query and W_UV after attention, attending the latent cache."""
+    """Multi-head latent attention. Naive path (prefill chunks): expand K/V per head from the latent.
+    Absorbed path (decodes): fold W_UK into the query and W_UV after attention, attending the latent cache."""
 
     def __init__(self, cfg: Config, build: Build, dist: Dist, name: str):
         super().__init__()
@@ -84,48 +84,56 @@ class MLA(nn.Module):
         self.o_proj = build.linear(f"{name}.o_proj", self.n_heads * cfg.v_head_dim, d)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: PagedCache | None, layer: int, absorb: bool) -> torch.Tensor:
-        b, t, _ = x.shape
+                attn: Attention, layer: int) -> torch.Tensor:
+        """x [N, D]: the step's new tokens, flattened over its sequences, at positions pos [N]."""
+        n = x.shape[0]
         nope, rope_dim = self.qk_nope_head_dim, self.qk_rope_head_dim
         if hasattr(self, "q_a_proj"):  # the two projections of x share one activation quantization
             q_a, kv_a = project(x, self.q_a_proj, self.kv_a_proj_with_mqa)
             q = self.q_b_proj(self.q_a_layernorm(q_a))
         else:
             q, kv_a = project(x, self.q_proj, self.kv_a_proj_with_mqa)
-        q_nope, q_pe = q.view(b, t, self.n_heads, nope + rope_dim).split([nope, rope_dim], dim=-1)
+        q_nope, q_pe = q.view(n, self.n_heads, nope + rope_dim).split([nope, rope_dim], dim=-1)
         cos, sin = rope
-        q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None])
-        if cache is not None:
-            cache.write(layer, pos, kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos, sin)
-        if absorb:
-            o = self._absorbed(q_nope, q_pe, pos, cache, layer)
-        elif cache is not None and bool((pos[:, 0] > 0).any()):  # a chunk continuing the cache: attend all of it
-            kv, k_pe = cache.latents(layer, pos)
-            keys = torch.arange(kv.shape[1], device=pos.device).expand(b, -1)
-            o = self._naive(q_nope, q_pe, kv.to(x.dtype), k_pe.to(x.dtype), pos, keys)
-        else:
-            kv, k_pe = kv_a.split([self.kv_lora_rank, rope_dim], dim=-1)
-            o = self._naive(q_nope, q_pe, self.kv_a_layernorm(kv), apply_rope(k_pe, cos, sin), pos, pos)
-        return self.o_proj(o.flatten(2))
+        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])
+        attn.cache.write(layer, attn.slots, kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos, sin)
+        if not attn.prefills:  # decodes only: no indexing, so a CUDA graph can replay it
+            return self.o_proj(self._absorbed(q_nope, q_pe, attn, layer).flatten(1))
+        o = q_nope.new_empty(n, self.n_heads, self.v_head_dim)
+        if len(attn.decode_rows):
+            rows = attn.decode_rows
+            o[rows] = self._absorbed(q_nope[rows], q_pe[rows], attn, layer)
+        for seq in attn.prefills:
+            at = slice(seq.start, seq.start + seq.length)
+            if seq.fresh:
+                kv, k_pe = kv_a[at].split([self.kv_lora_rank, rope_dim], dim=-1)
+                kv, k_pe, keys = self.kv_a_layernorm(kv), apply_rope(k_pe, cos[at], sin[at]), pos[at]
+            else:  # a chunk continuing a cached prefix: attend all of it, itself included
+                kv, k_pe = attn.latents(layer, seq)
+                kv, k_pe, keys = kv.to(x.dtype), k_pe.to(x.dtype), torch.arange(seq.context, device=pos.device)
+            o[at] = self._naive(q_nope[at], q_pe[at], kv, k_pe, pos[at], keys)
+        return self.o_proj(o.flatten(1))
 
     def _naive(self, q_nope, q_pe, kv, k_pe, pos, keys) -> torch.Tensor:
-        """Queries at positions pos [B, T] against latents kv [B, S, C], k_pe [B, S, R] at positions keys [B, S]."""
-        b, s = keys.shape
+        """One sequence's queries at positions pos [T] against latents kv [S, C], k_pe [S, R] at positions
+        keys [S]: K and V expanded per head from the latent."""
+        s = keys.shape[0]
         nope, v_dim = self.qk_nope_head_dim, self.v_head_dim
-        k_nope, v = self.kv_b_proj(kv).view(b, s, self.n_heads, nope + v_dim).split([nope, v_dim], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
-        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
-        mask = pos[:, None, :, None] >= keys[:, None, None, :]  # a query sees keys at positions <= its own
-        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask, scale=self.scale)
-        return o.transpose(1, 2)
+        k_nope, v = self.kv_b_proj(kv).view(s, self.n_heads, nope + v_dim).split([nope, v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)
+        k = torch.cat([k_nope, k_pe[:, None].expand(-1, self.n_heads, -1)], dim=-1).transpose(0, 1)
+        mask = pos[:, None] >= keys[None, :]  # a query sees keys at positions <= its own
+        o = F.scaled_dot_product_attention(q, k, v.transpose(0, 1), attn_mask=mask, scale=self.scale)
+        return o.transpose(0, 1)
 
-    def _absorbed(self, q_nope, q_pe, pos, cache: PagedCache, layer: int) -> torch.Tensor:
+    def _absorbed(self, q_nope, q_pe, attn: Attention, layer: int) -> torch.Tensor:
+        """The decodes' queries [Bd, H, *] attending the latent cache: W_UK folded into the query, W_UV after."""
         nope = self.qk_nope_head_dim
         w = self.kv_b_proj.dequantize().view(self.n_heads, nope + self.v_head_dim, self.kv_lora_rank).float()
         w_uk, w_uv = w[:, :nope], w[:, nope:]
-        q_lat = torch.einsum("bthp,hpc->bthc", q_nope.float(), w_uk)
-        o_lat = cache.attend(layer, q_lat, q_pe, pos, self.scale)
-        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv).to(q_nope.dtype)
+        q_lat = torch.einsum("bhp,hpc->bhc", q_nope.float(), w_uk)
+        o_lat = attn.decode(layer, q_lat, q_pe, self.scale)
+        return torch.einsum("bhc,hvc->bhv", o_lat, w_uv).to(q_nope.dtype)
 
 
 class Gate(nn.Module):
@@ -212,8 +220,9 @@ class Block(nn.Module):
         self.mlp = (MoE(cfg, build, dist, f"{name}.mlp") if cfg.is_moe(layer)
                     else MLP(build, f"{name}.mlp", cfg.hidden_size, dense))
 
-    def forward(self, x, pos, rope, cache, absorb) -> torch.Tensor:
-        x = x + self.dist.all_reduce(self.self_attn(self.input_layernorm(x), pos, rope, cache, self.layer, absorb))
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                attn: Attention) -> torch.Tensor:
+        x = x + self.dist.all_reduce(self.self_attn(self.input_layernorm(x), pos, rope, attn, self.layer))
         return x + self.dist.all_reduce(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -267,21 +276,22 @@ class Transformer(nn.Module):
         """Fill the rope frequencies (buffers are empty after building on the meta device)."""
         self.inv_freq.copy_(rope_frequencies(self.cfg))
 
-    def new_cache(self, batch: int, max_len: int) -> PagedCache:
-        return PagedCache(self.cfg, batch, max_len, self.kv_cache_dtype, self.inv_freq.device, self.backend)
+    def new_cache(self, num_pages: int, page_size: int = 64) -> LatentCache:
+        """Page pools for every layer, in this model's kv_cache_dtype, on its device."""
+        return LatentCache(self.cfg, num_pages, page_size, self.kv_cache_dtype, self.inv_freq.device, self.backend)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache: PagedCache | None = None,
-                absorb: bool = False, last: torch.Tensor | None = None) -> torch.Tensor:
-        """float32 logits of tokens [B, T] at positions pos [B, T]: all [B, T, V], or at column `last` [B]
-        of each row: [B, V]. New latents go into `cache` when given; `absorb` attends through the cache."""
-        angle = pos[..., None].float() * self.inv_freq
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, attn: Attention,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits of the step's flattened tokens [N] at positions pos [N]: all [N, V], or those of
+        `rows` [M] only: [M, V]. Every new token's latent is written at its slot in `attn.cache`."""
+        angle = pos[:, None].float() * self.inv_freq
         y = self.cfg.rope_scaling
         factor = y.attention_factor if y is not None else 1.0
         rope = (angle.cos() * factor, angle.sin() * factor)
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
-            x = layer(x, pos, rope, cache, absorb)
-        if last is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), last]
+            x = layer(x, pos, rope, attn)
+        if rows is not None:
+            x = x[rows]
         return self.dist.all_gather(self.lm_head(self.model.norm(x)).float(), self.vocab)

@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import make_tiny
+from tiny import decode_each, make_tiny, rows_of
 
 import dsq
-from dsq.cache import PagedCache
+from dsq.cache import LatentCache
+from dsq.engine import Engine, SamplingParams
+from dsq.engine.runner import ModelRunner
 from dsq.kernels.mla_cache import write_latent_cache_ref
 
 
-class FakeQuantCache(PagedCache):
+class FakeQuantCache(LatentCache):
     """The FP8 scheme written the plain way: exact fp32 latents, then rounded to e4m3 with a scale per token
     and 128-channel group (amax / 448), and the rope part rounded to bf16."""
 
-    def write(self, layer, pos, kv_a, norm_weight, eps, cos, sin):
+    def write(self, layer, slots, kv_a, norm_weight, eps, cos, sin):
         pool = self.pools[layer]
-        slots = self._slots(pos)
-        half = cos.shape[-1]
-        write_latent_cache_ref(pool, kv_a.reshape(-1, kv_a.shape[-1]), norm_weight, eps,
-                               cos.reshape(-1, half).float(), sin.reshape(-1, half).float(), slots)
+        write_latent_cache_ref(pool, kv_a, norm_weight, eps, cos.float(), sin.float(), slots)
         c = pool.kv.shape[-1]
         lat = pool.kv.view(-1, c)[slots].view(len(slots), -1, min(128, c))
         scale = lat.abs().amax(-1, keepdim=True) / 448.0
@@ -29,10 +28,10 @@ class FakeQuantCache(PagedCache):
         pe[slots] = pe[slots].bfloat16().float()
 
 
-def run(model, ids, cache) -> torch.Tensor:
-    """Logits of every position, each attending through the cache (the absorbed path)."""
-    pos = torch.arange(ids.shape[1]).expand_as(ids)
-    return model.net(ids, pos, cache, absorb=True)
+def run(model, ids, cache, tables=None) -> torch.Tensor:
+    """Logits of every position, each after the first attending through the cache (the absorbed path)."""
+    b, t = ids.shape
+    return decode_each(model.net, ids, cache, tables or rows_of(-(-t // cache.page_size), b))
 
 
 def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
@@ -45,9 +44,9 @@ def test_fp8_cache_against_bf16_and_fake_quant(tmp_path, kind):
     model = dsq.load_quantized(make_tiny(tmp_path, kind), kv_cache_dtype="fp32")
     cfg = model.cfg
     ids = torch.randint(0, cfg.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
-    new = lambda k: PagedCache(cfg, 4, 64, k, block_size=16)
+    new = lambda k: LatentCache(cfg, 16, 16, k)
     exact, bf16, fp8 = run(model, ids, new("fp32")), run(model, ids, new("bf16")), run(model, ids, new("fp8"))
-    ideal = run(model, ids, FakeQuantCache(cfg, 4, 64, "fp32", block_size=16))
+    ideal = run(model, ids, FakeQuantCache(cfg, 16, 16, "fp32"))
     # dsq's FP8 cache is the scheme itself: within fp32 rounding of the plain fake-quant.
     assert ((fp8 - ideal).norm() / ideal.norm()).item() < 1e-4
     # Against BF16 (BRIEF section 7: random tiny models have tiny logit margins, so top-1 is loose): measured
@@ -61,18 +60,17 @@ def test_fp8_cache_against_bf16_and_fake_quant(tmp_path, kind):
 def test_pages_in_any_order_give_the_same_logits(tmp_path):
     model = dsq.load_quantized(make_tiny(tmp_path, "v2"), kv_cache_dtype="fp32")
     ids = torch.randint(0, model.cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
-    straight = PagedCache(model.cfg, 2, 48, "fp8", block_size=16)
-    shuffled = PagedCache(model.cfg, 2, 48, "fp8", block_size=16)
-    shuffled.block_table = torch.randperm(6, generator=torch.Generator().manual_seed(2)).int().view(2, 3)
-    assert torch.equal(run(model, ids, straight), run(model, ids, shuffled))
+    new = lambda: LatentCache(model.cfg, 6, 16, "fp8")
+    shuffled = torch.randperm(6, generator=torch.Generator().manual_seed(2)).view(2, 3).tolist()
+    assert torch.equal(run(model, ids, new(), rows_of(3, 2)), run(model, ids, new(), shuffled))
 
 
 def test_chunked_prefill_equals_one_pass(tmp_path):
-    from dsq.generate import steps
-
     model = dsq.load_quantized(make_tiny(tmp_path, "lite"), kv_cache_dtype="fp32")
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (23, 9, 16)]
-    whole = list(steps(model.net, prompts, 12))
-    assert list(steps(model.net, prompts, 12, prefill_chunk=5)) == whole
-    assert list(steps(model.net, prompts, 12, prefill_chunk=8)) == whole
+    run = lambda chunk: [r.output for r in Engine(ModelRunner(model.net, 8, 16), max_batch_tokens=chunk)
+                         .generate(prompts, SamplingParams(max_tokens=12))]
+    whole = run(64)
+    assert run(5) == whole
+    assert run(8) == whole

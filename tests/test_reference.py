@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from tiny import hf_model, make_tiny
+from tiny import decode_each, hf_model, make_tiny, rows_of
 
 import dsq
-from dsq.generate import Sampling, sample
+from dsq.engine import sample
 
 KINDS = ["lite", "v2"]
 
@@ -35,16 +35,15 @@ def test_logits_match_transformers(pair):
 def test_naive_and_absorbed_attention_agree(pair):
     _, _, model = pair
     ids = torch.randint(0, model.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
-    pos = torch.arange(24).expand_as(ids)
-    naive = model.net(ids, pos)
-    absorbed = model.net(ids, pos, model.net.new_cache(2, 24), absorb=True)
+    naive = model.logits(ids)
+    absorbed = decode_each(model.net, ids, model.net.new_cache(2, 24), rows_of(1, 2))
     assert rel_err(absorbed, naive) <= 1e-5
 
 
 @pytest.mark.parametrize("cache", ["fp32", "bf16"])
 def test_32_greedy_tokens_equal_transformers_generate(pair, cache):
-    _, ref, model = pair
-    model.net.kv_cache_dtype = cache
+    path, ref, _ = pair
+    model = dsq.load_quantized(path, kv_cache_dtype=cache)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, model.cfg.vocab_size, (n,), generator=gen).tolist() for n in (5, 11, 1)]
     want = []
@@ -53,7 +52,6 @@ def test_32_greedy_tokens_equal_transformers_generate(pair, cache):
         want.append(out[0, len(p):].tolist())
     assert model.generate(prompts, max_new_tokens=32) == want  # one ragged batch, through the cache
     assert model.generate(prompts[0], max_new_tokens=32) == want[0]
-    model.net.kv_cache_dtype = "fp32"
 
 
 def test_norm_topk_prob_against_hand_written_moe(tmp_path):
@@ -88,14 +86,19 @@ def test_norm_topk_prob_against_hand_written_moe(tmp_path):
 
 def test_sampling_is_seeded_and_filters():
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(5))
-    hot = Sampling(temperature=1.0, top_k=5, top_p=0.9)
-    draw = lambda seed: sample(logits, hot, torch.Generator().manual_seed(seed))
+    rows = lambda value, dtype=torch.float32: torch.full((4,), value, dtype=dtype)
+
+    def draws(temperature: float, top_k: int, top_p: float, seed: int = 0) -> torch.Tensor:
+        uniform = torch.rand(4, generator=torch.Generator().manual_seed(seed))
+        return sample(logits, rows(temperature), rows(top_k, torch.long), rows(top_p), uniform)
+
+    draw = lambda seed: draws(1.0, 5, 0.9, seed)
     assert torch.equal(draw(0), draw(0))
     top5 = logits.topk(5).indices
     for seed in range(20):
         assert all(t in top5[i] for i, t in enumerate(draw(seed).tolist()))
-    assert torch.equal(sample(logits, Sampling(temperature=1.0, top_k=1)), logits.argmax(-1))
-    assert torch.equal(sample(logits, Sampling(temperature=0.7, top_p=1e-6)), logits.argmax(-1))
+    assert torch.equal(draws(1.0, 1, 1.0), logits.argmax(-1))
+    assert torch.equal(draws(0.7, 0, 1e-6), logits.argmax(-1))
 
 
 def test_seeded_generation_repeats_and_streams(pair):

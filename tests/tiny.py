@@ -58,3 +58,22 @@ def endless(src: str | Path, dst: str | Path) -> Path:
     cfg = json.loads((dst / "config.json").read_text())
     (dst / "config.json").write_text(json.dumps(dict(cfg, eos_token_id=cfg["vocab_size"]), indent=2))
     return dst
+
+
+def decode_each(net, ids: torch.Tensor, cache, tables: list[list[int]]) -> torch.Tensor:
+    """Logits [B, T, V] of every position of ids [B, T], run one token per sequence per step, so that every
+    position after the first attends through the cache (the absorbed path); row b lives in pages tables[b]."""
+    from dsq.cache import Attention
+
+    b, t = ids.shape
+    size, out = cache.page_size, []
+    for p in range(t):
+        seqs = [(i, 1, p + 1, tables[i]) for i in range(b)]
+        slots = [tables[i][p // size] * size + p % size for i in range(b)]
+        out.append(net(ids[:, p], torch.full((b,), p), Attention.build(cache, seqs, slots, "cpu")))
+    return torch.stack(out, dim=1)
+
+
+def rows_of(pages_per_row: int, rows: int) -> list[list[int]]:
+    """Page tables that give row i the pages i * pages_per_row.. in order."""
+    return [list(range(i * pages_per_row, (i + 1) * pages_per_row)) for i in range(rows)]
