@@ -298,6 +298,37 @@ def demo(
         run_demo(Path(tmp), device, console, keep=False)
 
 
+@command
+def serve(
+    model: ModelArg,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+    max_model_len: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        min=16, help="Longest prompt + completion in tokens (default: 4096, at most the model's).")] = None,
+    kv_cache_dtype: Annotated[str, typer.Option(help="The latent cache's layout: fp8, bf16 or fp32.")] = "fp8",
+    gpu_memory_utilization: Annotated[float, typer.Option(
+        help="Share of the GPU's memory dsq may use; the cache takes what weights leave.")] = 0.9,
+    served_model_name: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="The model name clients ask for (default: the model argument).")] = None,
+    api_key: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        help="Require 'Authorization: Bearer KEY' on /v1 requests.")] = None,
+    device: Device = "cpu",
+    revision: Revision = None,
+    tp: TP = 1,
+    threads: Threads = None,
+) -> None:
+    """Serve a model over the OpenAI API (/v1/models, /v1/completions, /v1/chat/completions) with continuous
+    batching; SIGINT or SIGTERM stops it."""
+    from dsq.cli.serve import check_flags, run_serve
+
+    check_flags(tp, kv_cache_dtype, gpu_memory_utilization, host, port)
+    check_device(device)
+    use_threads(threads, tp)
+    folder, cfg = model_config(model, revision)
+    run_serve(folder, cfg, model, host, port, max_model_len, kv_cache_dtype, gpu_memory_utilization,
+              served_model_name or model, api_key, device, console)
+
+
 command(quantize)
 
 

@@ -95,7 +95,7 @@ def next_commands(out: Path, device: str) -> list[str]:
     on = "" if device == "cpu" else f" --device {device}"
     q = shlex.quote(str(out))
     return [f"dsq chat {q}{on}", f"dsq generate {q}{on} --prompt 'The experts' --max-new-tokens 32",
-            f"dsq inspect {q}"]
+            f"dsq inspect {q}", f"dsq serve {q}{on}"]
 
 
 def run_demo(folder: Path, device: str, console, keep: bool = True) -> None:

@@ -185,8 +185,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, served_model_name: str, api
         if room < 1 or (max_tokens or 0) > room:
             raise ApiError(400, f"this model's maximum context length is {max_model_len} tokens; the prompt has "
                            f"{len(prompt)} and max_tokens asks for {max_tokens or 1} more", param="max_tokens")
-        if any(not 0 <= t < tokenizer.vocab_size for t in prompt):
-            raise ApiError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
+        if any(not 0 <= t < tokenizer.tk.get_vocab_size() for t in prompt):
+            raise ApiError(400, f"prompt token ids must be in [0, {tokenizer.tk.get_vocab_size()})", param="prompt")
         try:
             return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
                                   max_tokens=max_tokens or room, stop_token_ids=(tokenizer.eos_id,))
@@ -270,12 +270,17 @@ def create_app(engine: Engine, tokenizer: Tokenizer, served_model_name: str, api
 
 def serve(engine: Engine, tokenizer: Tokenizer, served_model_name: str, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_model_len: int = 4096, queue_limit: int = 256) -> None:
-    """Serve until SIGINT or SIGTERM, then stop cleanly: no new connections, in-flight requests get a few
-    seconds to finish, the rest are cancelled, and the process exits 0."""
+    """Serve until SIGINT or SIGTERM, then stop cleanly: no new connections, the engine stops and cancels the
+    requests in flight, so their responses end (a stream with its last chunk and [DONE]) and the process exits 0."""
     import uvicorn
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            engine.stop()  # else uvicorn's grace period ends by cancelling the response tasks, with tracebacks
+
     app = create_app(engine, tokenizer, served_model_name, api_key, max_model_len, queue_limit)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=5))
+    server = Server(uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=5))
     # uvicorn re-raises the signal it stopped on once it is done, which under the default handlers kills the
     # process (exit -15 for SIGTERM, KeyboardInterrupt for SIGINT); a stop asked for is not a failure.
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
