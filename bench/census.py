@@ -14,6 +14,7 @@ and 64 and a 512-token prefill chunk:
 - host syncs: reads of device values by the host (`.item()`, `bool(t)`, `.tolist()`, `nonzero`, ...).
 Triton launches are recorded, not run (no GPU here: their outputs stay unwritten, so values downstream are
 garbage, which counting does not mind), with the wrappers choosing what they would on a 132-SM H200.
+Sampling and the host's read of the sampled ids are counted with the step (outside the layers).
 The per-token figures scale the measured layers to the whole model (BRIEF's ideal: ~2.01 GB per V2-Lite token
 at batch 1).
 """
@@ -35,11 +36,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 H200_SMS = 132
-NOT_KERNELS = {"item", "empty", "empty_strided", "new_empty", "new_empty_strided", "_local_scalar_dense", "lift_fresh",
-               "alias", "detach", "set_"}
-HOST_FACTORIES = {"lift_fresh", "lift_fresh_copy", "scalar_tensor"}  # torch.tensor(python value): a host tensor
-SYNCS = {"item", "_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive", "unique_dim",
-         "bincount", "repeat_interleave"}  # bincount/repeat_interleave: an output size the host must read
+NOT_KERNELS = {"item", "is_nonzero", "empty", "empty_strided", "new_empty", "new_empty_strided",
+               "_local_scalar_dense", "lift_fresh", "alias", "detach", "set_"}
+HOST_FACTORIES = {"lift_fresh", "lift_fresh_copy", "scalar_tensor"}  # torch.tensor(a Python number): on the host
+SYNCS = {"item", "is_nonzero", "_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive",
+         "unique_dim", "bincount", "repeat_interleave"}  # bincount/repeat_interleave: an output size the host must read
 
 
 @dataclass
@@ -106,8 +107,9 @@ class Census(TorchDispatchMode):
         flat = [*_flat(args), *_flat(kwargs)]
         outs = [t for t in _flat(out) if isinstance(t, torch.Tensor)]
         inputs = [t for t in flat if isinstance(t, torch.Tensor)]
-        if name in HOST_FACTORIES or (inputs and all(t.untyped_storage().data_ptr() in self.host for t in inputs)):
-            self.host.update(o.untyped_storage().data_ptr() for o in outs)  # host arithmetic: no kernel, no sync
+        if all(o.dim() == 0 for o in outs) and (name in HOST_FACTORIES or (
+                inputs and all(t.untyped_storage().data_ptr() in self.host for t in inputs))):
+            self.host.update(o.untyped_storage().data_ptr() for o in outs)  # host scalar arithmetic: no kernel
             return out
         if name in SYNCS:
             self.tally().syncs[name] += 1
@@ -167,6 +169,11 @@ def as_on_an_h200(census: Census):
 
     def run(self, *args, grid, warmup, **kwargs):
         census.launch(self, args, kwargs)
+        with _disable_current_modes():  # finite values downstream (the runner refuses NaN logits); not counted
+            for t in [*args, *kwargs.values()]:
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.element_size() > 1 and \
+                        t.untyped_storage().data_ptr() not in census.weights:
+                    t.zero_()
 
     patch(jit.JITFunction, "run", run)
     for info in pkgutil.iter_modules(dsq.kernels.__path__):
@@ -244,10 +251,25 @@ def ideal_bytes(net, census: Census, batch: int, context: int) -> dict[str, int]
 
 
 def step(net, batch: int, tokens: int, context: int, threshold: int) -> tuple[Census, dict[str, int]]:
-    """One forward: `tokens` new tokens per sequence at positions [context, context + tokens) of `batch`
-    sequences (decode when tokens == 1: the absorbed path over a cache of `context` tokens)."""
-    cache = net.new_cache(batch, context + tokens)
-    census = Census(net, cache, threshold)
+    """One engine step through the model runner: `tokens` new tokens per sequence at positions
+    [context, context + tokens) of `batch` sequences (decodes when tokens == 1: the absorbed path over a cache
+    of `context` tokens), then the sampling of each sequence's next token and its read by the host."""
+    from dsq.engine import SeqSlice, StepBatch, sample
+    from dsq.engine.runner import ModelRunner
+
+    page = 64
+    per_seq = -(-(context + tokens) // page)
+    runner = ModelRunner(net, batch * per_seq, page)
+    seqs, slots, positions = [], [], []
+    for i in range(batch):
+        pages = list(range(i * per_seq, (i + 1) * per_seq))
+        pos = list(range(context, context + tokens))
+        seqs.append(SeqSlice(i, i * tokens, tokens, context + tokens, pages, True))
+        slots += [pages[p // page] * page + p % page for p in pos]
+        positions += pos
+    ids = torch.randint(0, net.cfg.vocab_size, (batch * tokens,)).tolist()
+    work = StepBatch(ids, positions, slots, seqs)
+    census = Census(net, runner.cache, threshold)
     census.cache_tokens, census.cache_seqs = context + tokens, batch
     census.batch, census.tokens = batch, batch * tokens
     census.routed_by_layer = {}
@@ -275,11 +297,11 @@ def step(net, batch: int, tokens: int, context: int, threshold: int) -> tuple[Ce
         gate = getattr(block.mlp, "gate", None)
         if gate is not None:
             hooks.append(gate.register_forward_hook(route))
-    pos = context + torch.arange(tokens).expand(batch, -1)
-    ids = torch.randint(0, net.cfg.vocab_size, (batch, tokens))
+    zeros, ones = torch.zeros(batch), torch.ones(batch)
     try:
         with as_on_an_h200(census), census:
-            net(ids, pos, cache, absorb=tokens == 1, last=torch.full((batch,), tokens - 1))
+            logits = runner.forward(work)
+            sample(logits, zeros, zeros.long(), ones, torch.rand(batch)).tolist()  # greedy; the host reads the ids
     finally:
         for h in hooks:
             h.remove()

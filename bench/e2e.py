@@ -24,8 +24,8 @@ HBM = 4.8e12  # H200 bytes/s (BRIEF section 3)
 
 def fill_random(net, std: float = 0.02, seed: int = 0) -> None:
     """Random weights straight into every module, quantized on the device by the module's own format."""
-    from dsq.layers import Linear
-    from dsq.model import Embedding, Gate, RMSNorm
+    from dsq.layers import Linear, RMSNorm
+    from dsq.model import Embedding, Gate
 
     torch.manual_seed(seed)
     for m in net.modules():
@@ -68,35 +68,52 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+def one_step(net, n: int, context: int):
+    """A runner whose pool holds `context` tokens of one sequence, and the step of its last `n` tokens."""
+    from dsq.engine import SeqSlice, StepBatch
+    from dsq.engine.runner import ModelRunner
+
+    page = 64
+    pages = list(range(-(-context // page)))
+    positions = list(range(context - n, context))
+    ids = torch.randint(0, net.cfg.vocab_size, (n,)).tolist()
+    step = StepBatch(ids, positions, [pages[p // page] * page + p % page for p in positions],
+                     [SeqSlice(0, 0, n, context, pages, True)])
+    return ModelRunner(net, len(pages), page), step
+
+
 def prefill_tok_s(net, n: int) -> float:
-    ids = torch.randint(0, net.cfg.vocab_size, (1, n), device="cuda")
-    pos = torch.arange(n, device="cuda")[None]
-    run = lambda: net(ids, pos, net.new_cache(1, n), last=torch.tensor([n - 1], device="cuda"))
+    runner, step = one_step(net, n, n)
+    run = lambda: runner.forward(step)
     run()
     return n / min(timed(run) for _ in range(2))
 
 
-def decode_tok_s(net, batch: int, graphs: bool, new: int) -> float:
-    from dsq.generate import steps
+def decode_tok_s(net, batch: int, new: int) -> float:
+    """Decode tokens/s of `batch` 64-token prompts through the engine, from the step after every prompt's
+    first token (the prefill) to the last token."""
+    from dsq.engine import Engine, SamplingParams
+    from dsq.engine.runner import ModelRunner
 
+    engine = Engine(ModelRunner(net, batch * -(-(64 + new) // 64), 64), max_seqs=batch)
     prompts = [[1 + (i * 7 + j) % 1000 for j in range(64)] for i in range(batch)]
-    it = steps(net, prompts, new, graphs=graphs)
-    next(it)  # prefill (and graph capture) done
+    reqs = [engine.add_request(p, SamplingParams(max_tokens=new)) for p in prompts]
+    while any(len(r.tokens) == r.num_prompt for r in reqs):  # the prefill steps
+        engine.step()
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    n = sum(1 for _ in it)
+    t0, done = time.perf_counter(), sum(len(r.tokens) - r.num_prompt for r in reqs)
+    while not all(r.done.is_set() for r in reqs):
+        engine.step()
     torch.cuda.synchronize()
-    return batch * n / (time.perf_counter() - t0)
+    return (sum(len(r.tokens) - r.num_prompt for r in reqs) - done) / (time.perf_counter() - t0)
 
 
 def long_context_gb(net, context: int) -> float:
     """Peak memory of one decode step at the end of a `context`-token cache (weights included)."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    cache = net.new_cache(1, context)
-    tok = torch.zeros(1, 1, dtype=torch.long, device="cuda")
-    net(tok, torch.full((1, 1), context - 1, device="cuda"), cache, absorb=True, last=torch.zeros(1, dtype=torch.long,
-                                                                                                  device="cuda"))
+    runner, step = one_step(net, 1, context)
+    runner.forward(step)
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() / 1e9
 
@@ -127,7 +144,7 @@ def main() -> None:
         for n in ([512] if args.quick or not lite else [512, 8192]):
             r[f"prefill_{n}_tok_s"] = prefill_tok_s(net, n)
         for b in batches if quantized else batches[:2]:
-            r[f"decode_b{b}_tok_s"] = decode_tok_s(net, b, graphs=quantized, new=new)
+            r[f"decode_b{b}_tok_s"] = decode_tok_s(net, b, new)
         r["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
         if quantized and lite:
             r["context_32k_gb"] = long_context_gb(net, 32768)

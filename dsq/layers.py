@@ -1,4 +1,5 @@
-"""The seam every weight matmul goes through: a linear module (a storage format + a forward), and routed experts.
+"""The seam every weight matmul goes through: a linear module (a storage format + a forward), routed experts,
+and the RMSNorm that feeds them (one fused kernel with the residual add on the Triton backend).
 
 A `Linear` holds its weight as its format's stored tensors (compressed-tensors names: `weight`, or
 `weight_packed` + `weight_scale` + ...), optionally stacked over a leading expert dim; the maths is the
@@ -117,3 +118,30 @@ class Build:
             raise DsqError(f"{self.scheme.where}: the routed experts of {name} mix formats; "
                            "dsq needs one format for all experts of a layer")
         return Experts(len(experts), dim, inter, fmts.pop(), self.dtype, self.backend)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight, in fp32; on the Triton backend one kernel (kernels/norm.py)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, backend: str = "torch"):
+        super().__init__()
+        self.eps, self.backend = eps, backend
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "triton":
+            from dsq.kernels import add_rms_norm
+
+            return add_rms_norm(x, self.weight, self.eps).out
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, its norm): one kernel on the Triton backend."""
+        if self.backend == "triton":
+            from dsq.kernels import add_rms_norm
+
+            return add_rms_norm(x, self.weight, self.eps, residual)[:2]
+        x = x + residual
+        return x, self(x)

@@ -9,8 +9,6 @@ intermediate columns, experts and vocab rows; a Block sums the ranks' partial ou
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,56 +16,9 @@ from torch import nn
 from dsq.cache import Attention, LatentCache
 from dsq.config import Config
 from dsq.formats import Scheme
-from dsq.layers import Build, project
+from dsq.layers import Build, RMSNorm, project
 from dsq.parallel import Dist
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype, backend: str = "torch"):
-        super().__init__()
-        self.eps, self.backend = eps, backend
-        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "triton":
-            from dsq.kernels import add_rms_norm
-
-            return add_rms_norm(x, self.weight, self.eps).out
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + residual, its norm): one kernel on the Triton backend."""
-        if self.backend == "triton":
-            from dsq.kernels import add_rms_norm
-
-            return add_rms_norm(x, self.weight, self.eps, residual)[:2]
-        x = x + residual
-        return x, self(x)
-
-
-def rope_frequencies(cfg: Config) -> torch.Tensor:
-    """Inverse frequencies [R/2], YaRN-corrected: inv = (f / factor) * ramp + f * (1 - ramp)."""
-    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
-    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    y = cfg.rope_scaling
-    if y is None:
-        return freqs
-
-    def corr_dim(rotations: float) -> float:
-        return dim * math.log(y.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-    low = max(math.floor(corr_dim(y.beta_fast)), 0)
-    high = min(math.ceil(corr_dim(y.beta_slow)), dim - 1)
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
-    return freqs / y.factor * ramp + freqs * (1 - ramp)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x[2i], x[2i+1]) by the angle whose cos/sin are given ([..., R/2]), in fp32."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
+from dsq.rope import apply_rope, rope_frequencies
 
 
 class MLA(nn.Module):

@@ -30,7 +30,8 @@ from dsq.kernels import (
     route,
 )
 from dsq.kernels.common import GemmConfig
-from dsq.model import Gate, RMSNorm
+from dsq.layers import RMSNorm
+from dsq.model import Gate
 from dsq.quant import (
     FP8,
     fp8_dequantize_weight,

@@ -37,7 +37,9 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            uniform: torch.Tensor) -> torch.Tensor:
     """Next token [B] from logits [B, V] with per-row temperature, top-k (0: off), top-p (1: off) and one
     uniform draw in [0, 1) per row. A temperature-0 row is the exact argmax. The others invert the CDF of
-    the filtered softmax at their draw, so a row's sample depends on its own draw only (per-request seeds)."""
+    the filtered softmax at their draw, so a row's sample depends on its own draw only (per-request seeds).
+    A row with a NaN or Inf logit gives -1, so the host learns of it from the ids it reads anyway (no sync
+    of its own)."""
     greedy = temperature == 0
     scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
     ordered, order = scaled.sort(dim=-1, descending=True)
@@ -47,7 +49,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     drop |= probs.cumsum(dim=-1) - probs > top_p[:, None]  # keep the smallest prefix whose mass reaches top_p
     cdf = probs.masked_fill(drop, 0).cumsum(dim=-1)
     index = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None]).clamp(max=logits.shape[-1] - 1)
-    return torch.where(greedy, logits.argmax(dim=-1), order.gather(-1, index).squeeze(-1))
+    tokens = torch.where(greedy, logits.argmax(dim=-1), order.gather(-1, index).squeeze(-1))
+    return torch.where(torch.isfinite(logits).all(dim=-1), tokens, -1)
 
 
 class Engine:
@@ -162,9 +165,13 @@ class Engine:
         uniform = [0.0 if q.temperature == 0 else torch.rand((), generator=r.generator or self.generator).item()
                    for q, r in zip(p, reqs, strict=True)]
         as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=logits.device)
-        return sample(logits, as_tensor([q.temperature for q in p], torch.float32),
-                      as_tensor([q.top_k for q in p], torch.long), as_tensor([q.top_p for q in p], torch.float32),
-                      as_tensor(uniform, torch.float32)).tolist()
+        tokens = sample(logits, as_tensor([q.temperature for q in p], torch.float32),
+                        as_tensor([q.top_k for q in p], torch.long), as_tensor([q.top_p for q in p], torch.float32),
+                        as_tensor(uniform, torch.float32)).tolist()  # the step's one host sync
+        if -1 in tokens:  # sampling would have made them a token
+            raise DsqError("the model produced NaN or Inf logits; generation stopped (damaged weights, or an "
+                           "overflow: try dtype float32)")
+        return tokens
 
     def _finish(self, req: Request, reason: str) -> None:
         self.scheduler.remove(req)
