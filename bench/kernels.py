@@ -152,15 +152,7 @@ PLAN = {  # variant -> (call(weights, x, x_fp8, x_scales), activation bytes per 
 }
 
 
-def _k():
-    import dsq.kernels
-
-    return dsq.kernels
-
-
 def bench_shape(model: str, name: str, n: int, k: int, ms: list[int], nf4: Callable | None) -> list[dict]:
-
-
     w = torch.randn(n, k, device=DEV) / k**0.5
     wb = w.to(torch.bfloat16)
     q_ch, s_ch = fp8_quantize_weight(w)

@@ -35,7 +35,6 @@ def load_quantized(
     backend: str | None = None,
     kv_cache_dtype: str = "fp8",
     gpu_memory_utilization: float = 0.9,
-    cuda_graphs: bool = True,
     tp: int = 1,
     quantize: str | None = None,
     **options: Any,
@@ -46,7 +45,6 @@ def load_quantized(
     cache's layout: "fp8" (656 B per token and layer for V2), "bf16", or "fp32" (the exact reference).
     On a GPU the memory planner first checks that weights, activations and a cache of max_seq_len tokens
     (default 4096) fit in gpu_memory_utilization of the device, and says what to change if they don't.
-    cuda_graphs replays decode steps from CUDA graphs (GPU and Triton backend only, tp=1).
     tp > 1: this process is one of tp ranks (started by torchrun, or by `dsq generate/chat --tp`), holding its
     share of the heads, experts and vocab (docs/parallel.md); every rank makes the same calls.
     quantize="fp8-int4" (dsq quantize's default scheme) or "fp8" (FP8 experts too) quantizes an unquantized
@@ -82,8 +80,7 @@ def load_quantized(
     net = load_model(folder, device, dtype, rank, tp, scheme, backend=backend, kv_cache_dtype=kv_cache_dtype,
                      cache_tokens=fits.cache_tokens if fits else None)
     tokenizer = Tokenizer(folder) if (folder / "tokenizer.json").exists() else None
-    graphs = cuda_graphs and device.type == "cuda" and backend == "triton" and tp == 1
-    return Model(net, tokenizer, folder, max_seq_len, graphs)
+    return Model(net, tokenizer, folder, max_seq_len)
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -130,9 +127,8 @@ class Model:
     """A loaded model: full-forward logits, batched generation, and chat in the model's template. Generation
     runs on one engine (dsq.engine) whose page pools are allocated on first use and kept."""
 
-    def __init__(self, net: Transformer, tokenizer: Tokenizer | None, folder: Path, max_seq_len: int | None = None,
-                 graphs: bool = False):
-        self.net, self.tokenizer, self.folder, self.graphs = net, tokenizer, folder, graphs
+    def __init__(self, net: Transformer, tokenizer: Tokenizer | None, folder: Path, max_seq_len: int | None = None):
+        self.net, self.tokenizer, self.folder = net, tokenizer, folder
         self.cfg = net.cfg
         self.max_seq_len = min(max_seq_len or net.cfg.max_position_embeddings, net.cfg.max_position_embeddings)
         # what the planner sized on a GPU; on the CPU a few sequences of max_seq_len (default 4096, as planned)

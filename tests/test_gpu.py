@@ -16,14 +16,6 @@ def tiny(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("gpu"), "v2", kv_lora_rank=128, qk_rope_head_dim=64)
 
 
-def test_cuda_graph_decode_equals_eager(tiny):
-    prompts = [[5, 6, 7, 8], [9], [10, 11, 12]]
-    eager = dsq.load_quantized(tiny, device="cuda", cuda_graphs=False)
-    graphed = dsq.load_quantized(tiny, device="cuda", cuda_graphs=True)
-    assert graphed.graphs and not eager.graphs
-    assert graphed.generate(prompts, max_new_tokens=48) == eager.generate(prompts, max_new_tokens=48)
-
-
 def test_triton_backend_matches_torch_backend_on_gpu(tiny):
     ids = torch.randint(0, 1000, (2, 33), generator=torch.Generator().manual_seed(0))
     ref = dsq.load_quantized(tiny, device="cuda", backend="torch", dtype=torch.float32).logits(ids)
@@ -33,21 +25,9 @@ def test_triton_backend_matches_torch_backend_on_gpu(tiny):
 
 def test_decode_through_fp8_cache_kernel_matches_torch_path(tiny):
     prompts = [[5, 6, 7, 8], [9, 10]]
-    gpu = dsq.load_quantized(tiny, device="cuda", cuda_graphs=False, dtype=torch.float32)
+    gpu = dsq.load_quantized(tiny, device="cuda", dtype=torch.float32)
     cpu = dsq.load_quantized(tiny, device="cpu", dtype=torch.float32)
     out_gpu = gpu.generate(prompts, max_new_tokens=16)
     out_cpu = cpu.generate(prompts, max_new_tokens=16)
     same = sum(a == b for x, y in zip(out_gpu, out_cpu, strict=True) for a, b in zip(x, y, strict=True))
     assert same >= 0.9 * sum(len(x) for x in out_cpu)  # fp8 rounding may flip a near-tie late in a sequence
-
-
-def test_chat_with_graphs_equals_eager(tiny):
-    from dsq.chat import ChatSession
-    from dsq.demo import write_tokenizer
-
-    write_tokenizer(tiny, 1000)
-    replies = []
-    for graphs in (False, True):
-        session = ChatSession(dsq.load_quantized(tiny, device="cuda", cuda_graphs=graphs), context=512)
-        replies.append(["".join(session.reply(text, max_new_tokens=12)) for text in ("Hello", "And then?")])
-    assert replies[0] == replies[1]
