@@ -13,6 +13,7 @@ from rich.table import Table
 
 from dsq.checkpoint import DTYPES, Checkpoint, resolve, role
 from dsq.config import Config
+from dsq.loader import read_config
 
 ROLES = ("attention", "dense", "shared", "experts", "router", "embed", "head", "norm", "other")
 GPUS = (24, 48, 80, 141)  # GB: consumer, L40S / A6000, A100 / H100, H200
@@ -45,7 +46,7 @@ def shape(cfg: Config) -> str:
 
 def describe(model: str, revision: str | None, console: Console) -> None:
     folder = resolve(model, revision)
-    cfg = Config.from_file(Path(folder) / "config.json")
+    cfg, _ = read_config(folder)  # one line for a missing, invalid or unfinished one
     hf = json.loads((Path(folder) / "config.json").read_text())
     console.print(f"[bold]{folder}[/]", highlight=False)
     console.print(shape(cfg))
