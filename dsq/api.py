@@ -131,8 +131,7 @@ class Model:
         self.net, self.tokenizer, self.folder = net, tokenizer, folder
         self.cfg = net.cfg
         self.max_seq_len = min(max_seq_len or net.cfg.max_position_embeddings, net.cfg.max_position_embeddings)
-        # what the planner sized on a GPU; on the CPU a few sequences of max_seq_len (default 4096, as planned)
-        self.cache_tokens = net.cache_tokens or CPU_BATCH * min(self.max_seq_len, max_seq_len or 4096)
+        self._cpu_tokens = CPU_BATCH * min(self.max_seq_len, max_seq_len or 4096)  # a few sequences, as planned
         self._engine: Engine | None = None
 
     @property
@@ -142,7 +141,8 @@ class Model:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            self._engine = Engine(ModelRunner(self.net, max(1, self.cache_tokens // PAGE_SIZE), PAGE_SIZE))
+            tokens = self.net.cache_tokens or self._cpu_tokens  # on a GPU, what the memory planner left room for
+            self._engine = Engine(ModelRunner(self.net, max(1, tokens // PAGE_SIZE), PAGE_SIZE))
         return self._engine
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

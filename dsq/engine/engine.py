@@ -23,14 +23,16 @@ log = logging.getLogger(__name__)
 
 
 class Runner(Protocol):
-    """What the engine needs of a model: the geometry of the page pool it allocated once, and a forward that
+    """What the engine needs of a model: the geometry of the page pool it allocated once, a forward that
     writes the batch's new tokens to their slots and returns float32 logits [number of seqs with `logits`, V],
-    in the order of `batch.seqs`."""
+    in the order of `batch.seqs`, and `agree`: the sampled tokens every rank goes on with (rank 0's)."""
 
     num_pages: int
     page_size: int
 
     def forward(self, batch: StepBatch) -> torch.Tensor: ...
+
+    def agree(self, tokens: torch.Tensor) -> torch.Tensor: ...
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -71,7 +73,8 @@ class Engine:
         pages = self.pool.pages_for(req.num_prompt + params.max_tokens)
         if pages > self.pool.num_pages:
             raise DsqError(f"prompt ({req.num_prompt} tokens) + max_tokens ({params.max_tokens}) needs {pages} "
-                           f"pages of {self.pool.page_size} tokens; the pool has {self.pool.num_pages}")
+                           f"pages of {self.pool.page_size} tokens; the cache holds {self.pool.num_pages}: ask for "
+                           "fewer tokens, or give the cache more room (max_seq_len, gpu_memory_utilization)")
         with self._wake:
             self.requests[req.id] = req
             self._inbox.append(req)
@@ -167,7 +170,8 @@ class Engine:
         as_tensor = lambda values, dtype: torch.tensor(values, dtype=dtype, device=logits.device)
         tokens = sample(logits, as_tensor([q.temperature for q in p], torch.float32),
                         as_tensor([q.top_k for q in p], torch.long), as_tensor([q.top_p for q in p], torch.float32),
-                        as_tensor(uniform, torch.float32)).tolist()  # the step's one host sync
+                        as_tensor(uniform, torch.float32))
+        tokens = self.runner.agree(tokens).tolist()  # the step's one host sync
         if -1 in tokens:  # sampling would have made them a token
             raise DsqError("the model produced NaN or Inf logits; generation stopped (damaged weights, or an "
                            "overflow: try dtype float32)")

@@ -30,3 +30,7 @@ class ModelRunner:
         rows = torch.tensor([s.start + s.length - 1 for s in batch.seqs if s.logits], dtype=torch.long, device=device)
         as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)
         return self.net(as_long(batch.tokens), as_long(batch.positions), attn, rows)
+
+    def agree(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Rank 0's sampled tokens on every rank (a Ctrl-C on rank 0 travels with them: dsq.parallel.Dist)."""
+        return self.net.dist.agree(tokens)
