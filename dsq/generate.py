@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dsq.errors import DsqError
+from dsq.engine.request import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -16,12 +16,7 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not 0 <= self.temperature < float("inf"):  # NaN fails this too
-            raise DsqError(f"temperature must be a number >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise DsqError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise DsqError(f"top_p must be in (0, 1], got {self.top_p}")
+        SamplingParams(self.temperature, self.top_p, self.top_k)  # the engine's rules, refused in its words
 
 
 GREEDY = Sampling()

@@ -27,8 +27,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise DsqError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # NaN fails this too
+            raise DsqError(f"temperature must be a number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise DsqError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
