@@ -36,7 +36,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 H200_SMS = 132
-NOT_KERNELS = {"item", "is_nonzero", "empty", "empty_strided", "new_empty", "new_empty_strided",
+NOT_KERNELS = {"item", "is_nonzero", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
                "_local_scalar_dense", "lift_fresh", "alias", "detach", "set_"}
 HOST_FACTORIES = {"lift_fresh", "lift_fresh_copy", "scalar_tensor"}  # torch.tensor(a Python number): on the host
 SYNCS = {"item", "is_nonzero", "_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive",
