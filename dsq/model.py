@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from dsq.cache import Attention, LatentCache
 from dsq.config import Config
@@ -84,23 +85,24 @@ class MLA(nn.Module):
             at = slice(seq.start, seq.start + seq.length)
             if seq.fresh:
                 kv, k_pe = kv_a[at].split([self.kv_lora_rank, rope_dim], dim=-1)
-                kv, k_pe, keys = self.kv_a_layernorm(kv), apply_rope(k_pe, cos[at], sin[at]), pos[at]
+                kv, k_pe = self.kv_a_layernorm(kv), apply_rope(k_pe, cos[at], sin[at])
             else:  # a chunk continuing a cached prefix: attend all of it, itself included
                 kv, k_pe = attn.latents(layer, seq)
-                kv, k_pe, keys = kv.to(x.dtype), k_pe.to(x.dtype), torch.arange(seq.context, device=pos.device)
-            o[at] = self._naive(q_nope[at], q_pe[at], kv, k_pe, pos[at], keys)
+                kv, k_pe = kv.to(x.dtype), k_pe.to(x.dtype)
+            o[at] = self._naive(q_nope[at], q_pe[at], kv, k_pe)
         return self.o_proj(o.flatten(1))
 
-    def _naive(self, q_nope, q_pe, kv, k_pe, pos, keys) -> torch.Tensor:
-        """One sequence's queries at positions pos [T] against latents kv [S, C], k_pe [S, R] at positions
-        keys [S]: K and V expanded per head from the latent."""
-        s = keys.shape[0]
+    def _naive(self, q_nope, q_pe, kv, k_pe) -> torch.Tensor:
+        """One sequence's T queries, the last T of its S positions, against its latents kv [S, C], k_pe [S, R]:
+        K and V expanded per head from the latent. Causal aligned to the last key (query i sees keys
+        <= S - T + i) with no mask tensor, so SDPA can pick a flash or memory-efficient kernel."""
+        t, s = q_nope.shape[0], kv.shape[0]
         nope, v_dim = self.qk_nope_head_dim, self.v_head_dim
         k_nope, v = self.kv_b_proj(kv).view(s, self.n_heads, nope + v_dim).split([nope, v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)
         k = torch.cat([k_nope, k_pe[:, None].expand(-1, self.n_heads, -1)], dim=-1).transpose(0, 1)
-        mask = pos[:, None] >= keys[None, :]  # a query sees keys at positions <= its own
-        o = F.scaled_dot_product_attention(q, k, v.transpose(0, 1), attn_mask=mask, scale=self.scale)
+        causal = {"is_causal": True} if t == s else {"attn_mask": causal_lower_right(t, s)}
+        o = F.scaled_dot_product_attention(q, k, v.transpose(0, 1), scale=self.scale, **causal)
         return o.transpose(0, 1)
 
     def _absorbed(self, q_nope, q_pe, attn: Attention, layer: int) -> torch.Tensor:
