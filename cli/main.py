@@ -118,7 +118,6 @@ def generate(
     threads: Threads = None,
 ) -> None:
     """Complete a prompt and print the completion as it is generated (defaults as Model.generate's)."""
-    params = dict(locals())
     check_sampling(temperature, top_p, top_k, seed, stop)
     check_device(device)
     if ids:
@@ -129,14 +128,12 @@ def generate(
     use_threads(threads, tp)
     folder, _ = model_config(model, revision)
     from dsq import load_quantized
-    from dsq.launch import check_tp, launch
+    from dsq.launch import check_tp
     from dsq.tokenizer import TextStream
 
     if tp > 1:
         check_tp(tp, folder, device)
-    if tp > 1 and launch(tp, generate, params):  # ran this command on tp ranks; rank 0 printed
-        return
-    with console.status("loading model"):
+    with console.status("loading model"):  # on --tp N this process is rank 0 and starts the others
         m = load_quantized(folder, device=device, tp=tp)
     if ids:
         out = m.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -172,7 +169,6 @@ def chat(
     threads: Threads = None,
 ) -> None:
     """Chat with a model in the terminal, in its chat template; the reply streams as it is generated."""
-    params = dict(locals())
     check_sampling(temperature, top_p, top_k, seed)
     check_device(device)
     if max_new_tokens >= context:
@@ -191,20 +187,18 @@ def chat(
     from dsq import load_quantized
     from dsq.chat import ChatConsole, run_chat
     from dsq.generate import Sampling
-    from dsq.launch import check_tp, launch, terminal
+    from dsq.launch import check_tp, terminal
     from dsq.tokenizer import Tokenizer
 
     sampling = Sampling(temperature, top_k, top_p)
     if tp > 1:
         check_tp(tp, folder, device)
-    if tp > 1 and launch(tp, chat, params):  # ran this command on tp ranks; rank 0 read and printed
-        return
-    with console.status("loading model"):
+    with console.status("loading model"):  # on --tp N this process is rank 0 and starts the others
         m = load_quantized(folder, device=device, max_seq_len=context, tp=tp)
     if chat_template is not None and m.tokenizer is not None:
         m.tokenizer = Tokenizer(folder, chat_template=chat_template)
-    with terminal(ChatConsole(), m.net.dist) as term:  # on N ranks: rank 0 reads, the others follow
-        run_chat(m, sampling, max_new_tokens, context, system, seed, term)
+    with terminal(m.net.dist):  # on N ranks a Ctrl-C mid-reply waits for the step's end
+        run_chat(m, sampling, max_new_tokens, context, system, seed, ChatConsole())
 
 
 @command
@@ -266,12 +260,12 @@ def serve(
     batching; SIGINT or SIGTERM stops it."""
     from dsq.cli.serve import check_flags, run_serve
 
-    check_flags(tp, kv_cache_dtype, gpu_memory_utilization, host, port)
+    check_flags(kv_cache_dtype, gpu_memory_utilization, host, port)
     check_device(device)
     use_threads(threads, tp)
     folder, cfg = model_config(model, revision)
     run_serve(folder, cfg, model, host, port, max_model_len, kv_cache_dtype, gpu_memory_utilization,
-              served_model_name or model, api_key, device, console)
+              served_model_name or model, api_key, device, tp, console)
 
 
 command(quantize)

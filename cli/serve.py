@@ -2,7 +2,8 @@
 
 The flags are checked first (a taken port included), then the model is loaded once, one latent-cache page
 pool is allocated for it (ModelRunner), and the engine's loop thread runs under uvicorn until SIGINT or
-SIGTERM (docs/serving.md)."""
+SIGTERM (docs/serving.md). With --tp N this process is rank 0: it serves and runs the engine, the other ranks
+only compute its steps."""
 
 from __future__ import annotations
 
@@ -19,12 +20,9 @@ PAGE_SIZE = 64  # tokens per page of the latent cache, the MLA decode kernel's b
 CPU_SEQUENCES = 8  # on CPU (no memory planner), the pool holds this many sequences of --max-model-len
 
 
-def check_flags(tp: int, kv_cache_dtype: str, gpu_memory_utilization: float, host: str, port: int) -> None:
+def check_flags(kv_cache_dtype: str, gpu_memory_utilization: float, host: str, port: int) -> None:
     from dsq.cache import KV_CACHE_DTYPES
 
-    if tp > 1:
-        raise DsqError(f"--tp {tp}: dsq serve runs on one device for now; use --tp 1 (dsq generate and dsq chat "
-                       "take --tp)")
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise DsqError(f"--kv-cache-dtype {kv_cache_dtype}: give one of {', '.join(KV_CACHE_DTYPES)}")
     if not 0 < gpu_memory_utilization <= 1:  # NaN fails this too
@@ -61,20 +59,23 @@ def pool_pages(net, max_model_len: int) -> int:
 
 def run_serve(folder: Path, cfg: Config, model: str, host: str, port: int, max_model_len: int | None,
               kv_cache_dtype: str, gpu_memory_utilization: float, served_model_name: str, api_key: str | None,
-              device: str, console: Console) -> None:
+              device: str, tp: int, console: Console) -> None:
     """Load the model (config `cfg` read from `folder`) and serve it until SIGINT or SIGTERM."""
     from dsq import load_quantized
     from dsq.engine import Engine
     from dsq.engine.runner import ModelRunner
+    from dsq.launch import check_tp
     from dsq.server import serve
 
     if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
         raise DsqError(f"--max-model-len {max_model_len} is above this model's maximum of "
                        f"{cfg.max_position_embeddings} tokens (max_position_embeddings)")
     max_model_len = max_model_len or min(4096, cfg.max_position_embeddings)
-    with console.status("loading model"):
+    if tp > 1:
+        check_tp(tp, folder, device)
+    with console.status("loading model"):  # on --tp N this process is rank 0 (engine and server) and starts the rest
         m = load_quantized(folder, device=device, max_seq_len=max_model_len, kv_cache_dtype=kv_cache_dtype,
-                           gpu_memory_utilization=gpu_memory_utilization)
+                           gpu_memory_utilization=gpu_memory_utilization, tp=tp)
     if m.tokenizer is None:
         raise DsqError(f"{model}: no tokenizer.json; the server encodes text and chat messages with it")
     runner = ModelRunner(m.net, pool_pages(m.net, max_model_len), page_size=PAGE_SIZE)
@@ -87,4 +88,5 @@ def run_serve(folder: Path, cfg: Config, model: str, host: str, port: int, max_m
                   f'  or:  OpenAI(base_url="{url}", api_key="{api_key or "none"}").chat.completions.create('
                   f'model="{served_model_name}", messages=[{{"role": "user", "content": "Hi"}}])',
                   markup=False, highlight=False, soft_wrap=True)
-    serve(engine, m.tokenizer, served_model_name, host, port, api_key, max_model_len)
+    with m:
+        serve(engine, m.tokenizer, served_model_name, host, port, api_key, max_model_len)

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, overload
 
 import torch
 
-from dsq.cache import KV_CACHE_DTYPES, Attention
+from dsq.cache import KV_CACHE_DTYPES
 from dsq.checkpoint import resolve
 from dsq.engine import Engine, Request, SamplingParams
-from dsq.engine.runner import ModelRunner
+from dsq.engine.runner import ModelRunner, follow, full_forward, stop_followers
 from dsq.errors import DsqError
-from dsq.formats import SCHEMES, Int4Group, Scheme
-from dsq.launch import init
+from dsq.formats import SCHEMES, Scheme
+from dsq.launch import Job, init, spawn
 from dsq.layers import BACKENDS
 from dsq.loader import load_model, read_config
-from dsq.memory import MemoryPlan, memory_plan, weight_bytes
+from dsq.memory import check_fits
 from dsq.model import Transformer
 from dsq.parallel import shard_plan
 from dsq.tokenizer import TextStream, Tokenizer
@@ -45,8 +47,10 @@ def load_quantized(
     cache's layout: "fp8" (656 B per token and layer for V2), "bf16", or "fp32" (the exact reference).
     On a GPU the memory planner first checks that weights, activations and a cache of max_seq_len tokens
     (default 4096) fit in gpu_memory_utilization of the device, and says what to change if they don't.
-    tp > 1: this process is one of tp ranks (started by torchrun, or by `dsq generate/chat --tp`), holding its
-    share of the heads, experts and vocab (docs/parallel.md); every rank makes the same calls.
+    tp > 1: the model is split over tp ranks, each holding its share of the heads, experts and vocab
+    (docs/parallel.md). This process is rank 0 and spawns the others (or, under torchrun, every process makes
+    this call and only rank 0 returns: the others follow rank 0's steps and exit when it is done). Rank 0
+    runs everything after; `Model.close()` (or its exit) ends the other ranks.
     quantize="fp8-int4" (dsq quantize's default scheme) or "fp8" (FP8 experts too) quantizes an unquantized
     checkpoint while loading it, tensor by tensor on the target device, for users who skip the offline step."""
     if options:
@@ -74,13 +78,24 @@ def load_quantized(
             shard_plan(cfg, tp, scheme or declared)
         except DsqError as e:
             raise DsqError(f"tp={tp}: {e}") from None
-    rank, device = init(tp, device) if tp > 1 else (0, device)
-    fits = check_fits(folder, device, dtype, kv_cache_dtype, gpu_memory_utilization, max_seq_len or 4096, rank, tp,
-                      scheme) if device.type == "cuda" else None
-    net = load_model(folder, device, dtype, rank, tp, scheme, backend=backend, kv_cache_dtype=kv_cache_dtype,
-                     cache_tokens=fits.cache_tokens if fits else None)
+    again = dict(path_or_repo=str(folder), device=device.type, dtype=dtype, max_seq_len=max_seq_len, backend=backend,
+                kv_cache_dtype=kv_cache_dtype, gpu_memory_utilization=gpu_memory_utilization, tp=tp, quantize=quantize)
+    job = spawn(tp, load_quantized, again) if tp > 1 else None
+    try:
+        rank, device = init(tp, device) if tp > 1 else (0, device)
+        fits = check_fits(folder, device, dtype, kv_cache_dtype, gpu_memory_utilization, max_seq_len or 4096, rank,
+                          tp, scheme) if device.type == "cuda" else None
+        net = load_model(folder, device, dtype, rank, tp, scheme, backend=backend, kv_cache_dtype=kv_cache_dtype,
+                         cache_tokens=fits.cache_tokens if fits else None)
+    except BaseException:
+        if job is not None:
+            job.kill()
+        raise
+    if rank > 0:  # a follower: it runs rank 0's steps until rank 0 is done, then this process ends
+        follow(net)
+        raise SystemExit(0)
     tokenizer = Tokenizer(folder) if (folder / "tokenizer.json").exists() else None
-    return Model(net, tokenizer, folder, max_seq_len)
+    return Model(net, tokenizer, folder, max_seq_len, job)
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -106,19 +121,6 @@ def check_sampling(seed: int | None, stop: list[str] | None) -> None:
         raise DsqError(f"stop={stop!r}: give a list of non-empty strings (an empty one would stop at once)")
 
 
-def check_fits(folder: Path, device: torch.device, dtype: torch.dtype, kv_cache_dtype: str, utilization: float,
-               tokens: int, rank: int = 0, world: int = 1, scheme: Scheme | None = None) -> MemoryPlan:
-    """Run the memory planner against the device's free memory before anything is allocated."""
-    cfg, declared = read_config(folder)
-    scheme = scheme or declared
-    int4 = scheme.uses(Int4Group)
-    free, total = torch.cuda.mem_get_info(device)
-    weights = sum(weight_bytes(cfg, scheme, dtype, world, rank).values())  # this rank's slices and experts
-    return memory_plan(cfg, weights, total, free, utilization, kv_cache_dtype, need_tokens=tokens,
-                prefill_tokens=min(tokens, 4096), dtype_bytes=torch.empty(0, dtype=dtype).element_size(),
-                int4_experts=int4)
-
-
 CPU_BATCH = 4  # sequences of max_seq_len the CPU cache holds at once (more wait their turn, or are preempted)
 PAGE_SIZE = 64
 
@@ -127,12 +129,36 @@ class Model:
     """A loaded model: full-forward logits, batched generation, and chat in the model's template. Generation
     runs on one engine (dsq.engine) whose page pools are allocated on first use and kept."""
 
-    def __init__(self, net: Transformer, tokenizer: Tokenizer | None, folder: Path, max_seq_len: int | None = None):
-        self.net, self.tokenizer, self.folder = net, tokenizer, folder
+    def __init__(self, net: Transformer, tokenizer: Tokenizer | None, folder: Path, max_seq_len: int | None = None,
+                 job: Job | None = None):
+        self.net, self.tokenizer, self.folder, self.job = net, tokenizer, folder, job
         self.cfg = net.cfg
         self.max_seq_len = min(max_seq_len or net.cfg.max_position_embeddings, net.cfg.max_position_embeddings)
         self._cpu_tokens = CPU_BATCH * min(self.max_seq_len, max_seq_len or 4096)  # a few sequences, as planned
         self._engine: Engine | None = None
+        self._open = True
+        if net.dist.world > 1:
+            atexit.register(self.close)
+
+    def close(self) -> None:
+        """On N ranks: stop the other ranks and leave the job (also at exit); the model is unusable after."""
+        if not self._open or self.net.dist.world == 1:
+            return
+        self._open = False
+        if self.net.dist.broken:  # a rank died or stalled: nothing can reach it, end the job as it is
+            if self.job is not None:
+                self.job.kill()
+            return
+        with contextlib.suppress(DsqError):
+            stop_followers(self.net)
+        if self.job is not None:
+            self.job.close()
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def device(self) -> torch.device:
@@ -151,13 +177,7 @@ class Model:
             raise DsqError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
         if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.cfg.vocab_size:
             raise DsqError(f"input_ids must be in [0, {self.cfg.vocab_size})")
-        b, t = input_ids.shape
-        per = -(-t // PAGE_SIZE)  # pages per row, in a cache of this call's own
-        seqs = [(i * t, t, t, list(range(i * per, (i + 1) * per))) for i in range(b)]
-        slots = [(i * per + p // PAGE_SIZE) * PAGE_SIZE + p % PAGE_SIZE for i in range(b) for p in range(t)]
-        attn = Attention.build(self.net.new_cache(b * per, PAGE_SIZE), seqs, slots, self.device)
-        pos = torch.arange(t, device=self.device).repeat(b)
-        return self.net(input_ids.to(self.device).flatten(), pos, attn).view(b, t, -1)
+        return full_forward(self.net, input_ids, PAGE_SIZE)
 
     def _params(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                 seed: int | None) -> SamplingParams:

@@ -14,6 +14,7 @@ from rich.console import Console
 from dsq.api import Model
 from dsq.errors import DsqError
 from dsq.generate import GREEDY, Sampling
+from dsq.parallel import Interrupt
 from dsq.tokenizer import TextStream
 
 HELP = """/system TEXT  set the system prompt (starts a new conversation)
@@ -34,7 +35,11 @@ class ChatConsole(Console):
         with self.capture() as capture:
             self.print(prompt, end="")
         text = capture.get()
-        return input(re.sub(r"(\x1b\[[0-9;]*m)", "\x01\\1\x02", text) if sys.stdin.isatty() else text)
+        Interrupt.reading = True  # a Ctrl-C now is raised at once, also on N ranks (dsq.launch.terminal)
+        try:
+            return input(re.sub(r"(\x1b\[[0-9;]*m)", "\x01\\1\x02", text) if sys.stdin.isatty() else text)
+        finally:
+            Interrupt.reading = False
 
 
 class ChatSession:

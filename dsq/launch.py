@@ -1,9 +1,10 @@
-"""Starting a tensor-parallel job and living in it: joining the process group, the `--tp` launcher with its
-watchdog, and the terminal relay of `dsq chat` on N ranks (rank 0 reads, every rank follows).
+"""Starting a tensor-parallel job and living in it: joining the process group, spawning the other ranks with
+a watchdog, and Ctrl-C on rank 0.
 
-This process becomes rank 0 and keeps the terminal; ranks 1.. are spawned (multiprocessing's spawn), with
-stdout silenced, stderr kept aside and Ctrl-C ignored; a rank that dies ends the job with a line that
-names it. docs/parallel.md has the design.
+`load_quantized(tp=N)` in a plain process makes it rank 0 and spawns ranks 1.. (multiprocessing's spawn), each
+of which loads its shard and then only follows rank 0's steps (dsq.engine.runner.follow): stdout silenced,
+stderr kept aside, Ctrl-C ignored; a rank that dies ends the job with a line that names it. Under torchrun
+every process makes the same call and ranks > 0 follow instead of returning. docs/parallel.md has the design.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch.distributed as td
 
 from dsq.errors import DsqError
 from dsq.loader import read_config
-from dsq.parallel import Dist, Interrupt, shard_plan
+from dsq.parallel import Dist, Interrupt, open_commands, shard_plan
 
 TIMEOUT = "DSQ_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks (default 600)
 START = "DSQ_START_TIMEOUT"  # seconds ranks may take to join: default 300 for ranks `launch` starts, else 3600
@@ -47,7 +48,7 @@ def init(world: int, device: torch.device) -> tuple[int, torch.device]:
             raise DsqError(f"tp={world}, but the process group has {td.get_world_size()} ranks")
     elif os.environ.get("WORLD_SIZE") is None:
         raise DsqError(f"tp={world} needs {world} processes: start them with torchrun --nproc-per-node {world}, "
-                       f"or use `dsq generate/chat --tp {world}`")
+                       "or let load_quantized spawn them")
     elif int(os.environ["WORLD_SIZE"]) != world:
         raise DsqError(f"tp={world}, but this job has WORLD_SIZE={os.environ['WORLD_SIZE']} processes")
     if device.type == "cuda":
@@ -67,6 +68,7 @@ def init(world: int, device: torch.device) -> tuple[int, torch.device]:
             why = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
             raise DsqError(f"rank {os.environ.get('RANK', '?')}: the {world} ranks did not all join within "
                            f"{START}={start:g} s ({why}); check that every rank started") from None
+        open_commands()
     return td.get_rank(), device
 
 
@@ -92,44 +94,54 @@ def check_tp(world: int, folder: Path, device: str) -> None:
         raise DsqError(f"--tp {world}: only {have} {what}; use --tp {have} or fewer")
 
 
-def launch(world: int, fn: Callable[..., Any], kwargs: dict[str, Any]) -> bool:
-    """Run the command fn(**kwargs) on `world` ranks of this machine. True: it ran (the caller is done).
-    False: this process already is one rank of a job (spawned here, or by torchrun), so the caller runs it.
+class Job:
+    """Ranks 1.. of a job this process started as its rank 0, and how to end it."""
 
-    This process becomes rank 0 and keeps the terminal; ranks 1.. are spawned with stdout silenced, stderr
-    kept aside and Ctrl-C ignored. When a rank exits with an error the others are killed and that rank is
-    named with the last line it wrote (so an error every rank hits is not printed once per rank). A rank
-    writes to its log from its first instruction (it inherits it as stderr), so one that fails while
-    importing is named too."""
+    def __init__(self, procs: dict[int, multiprocessing.process.BaseProcess], logs: Path, env: dict[str, str]):
+        self.procs, self.watch = procs, _Watch(procs, logs)
+        self.saved = {k: os.environ.get(k) for k in (*env, "RANK", "LOCAL_RANK")}
+        self.threads = torch.get_num_threads()
+        os.environ.update(env, RANK="0", LOCAL_RANK="0")
+        torch.set_num_threads(_threads(len(procs) + 1))
+
+    def close(self) -> None:
+        """After rank 0 told its followers to stop: wait for them, then leave the process group."""
+        for p in self.procs.values():
+            p.join(timeout())
+        self._end()
+
+    def kill(self) -> None:
+        """Rank 0 failed before the job was running: stop the other ranks now."""
+        self._end()
+
+    def _end(self) -> None:
+        self.watch.stop()
+        torch.set_num_threads(self.threads)
+        for k, v in self.saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        if td.is_initialized():
+            td.destroy_process_group()
+
+
+def spawn(world: int, load: Callable[..., Any], kwargs: dict[str, Any]) -> Job | None:
+    """Start ranks 1..world-1 of a job on this machine, each running load(**kwargs) (load_quantized, which on
+    ranks > 0 follows rank 0 and does not return), and make this process rank 0. None: this process already is
+    a rank of a job (spawned here, or by torchrun).
+
+    A rank writes to its log from its first instruction (it inherits it as stderr), so one that fails while
+    importing is named too; when a rank exits with an error the others are killed and that rank is named
+    with the last line it wrote."""
     if "RANK" in os.environ:
-        if int(os.environ["RANK"]):
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
-        return False
+        return None
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
            START: os.environ.get(START, "300")}
     ctx = multiprocessing.get_context("spawn")
     logs = Path(tempfile.mkdtemp(prefix="dsq-ranks-"))
-    procs = {r: ctx.Process(target=_rank_main, args=(r, env, fn, kwargs, os.getpid()), name=f"dsq-rank-{r}",
+    procs = {r: ctx.Process(target=_rank_main, args=(r, env, load, kwargs, os.getpid()), name=f"dsq-rank-{r}",
                             daemon=True) for r in range(1, world)}
     for r, p in procs.items():
         _start_logged(p, logs / f"{r}.err")
-    watch = _Watch(procs, logs)
-    old = {k: os.environ.get(k) for k in (*env, "RANK", "LOCAL_RANK")}
-    os.environ.update(env, RANK="0", LOCAL_RANK="0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(_threads(world))
-    try:
-        fn(**kwargs)
-        for p in procs.values():
-            p.join(timeout())
-    finally:
-        watch.stop()
-        torch.set_num_threads(threads)
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        if td.is_initialized():
-            td.destroy_process_group()
-    return True
+    return Job(procs, logs, env)
 
 
 def _threads(world: int) -> int:
@@ -158,13 +170,14 @@ def _start_logged(p: multiprocessing.process.BaseProcess, log: Path) -> None:
         os.close(fd)
 
 
-def _rank_main(rank: int, env: dict[str, str], fn: Callable[..., Any], kwargs: dict[str, Any], parent: int) -> None:
-    """A spawned rank: rank 0 (the parent) reads input and prints; this one follows, and dies with it."""
+def _rank_main(rank: int, env: dict[str, str], load: Callable[..., Any], kwargs: dict[str, Any], parent: int) -> None:
+    """A spawned rank: load its shard and follow rank 0's steps; it dies with its parent."""
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
     torch.set_num_threads(_threads(int(env["WORLD_SIZE"])))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-    fn(**kwargs)
+    load(**kwargs)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -219,45 +232,16 @@ class _Watch:
         shutil.rmtree(self.logs, ignore_errors=True)
 
 
-# --- rank 0 reads and prints ---------------------------------------------------------------------------
-class _Terminal:
-    """A console stand-in for `dsq chat` on N ranks: rank 0 reads lines and shares them (over a gloo group
-    that never times out: a user may think for hours); the others take them and print nothing."""
-
-    def __init__(self, console: Any, rank: int):
-        self.console, self.rank = console, rank
-        self.group = td.new_group(backend="gloo", timeout=timedelta(days=365))
-
-    def input(self, prompt: str = "") -> str:
-        if self.rank == 0:
-            Interrupt.reading = True
-            try:
-                line = self.console.input(prompt)
-            except EOFError:
-                line = None
-            finally:
-                Interrupt.reading = False
-        box = [line if self.rank == 0 else None]
-        td.broadcast_object_list(box, src=0, group=self.group)
-        if box[0] is None:
-            raise EOFError
-        return box[0]
-
-    def print(self, *args: Any, **kwargs: Any) -> None:
-        if self.rank == 0:
-            self.console.print(*args, **kwargs)
-
-
+# --- Ctrl-C on rank 0 ----------------------------------------------------------------------------------
 @contextlib.contextmanager
-def terminal(console: Any, dist: Dist) -> Iterator[Any]:
-    """The console an interactive loop should use: `console` itself on one rank; on N ranks, one whose input
-    rank 0 reads and shares, and under which Ctrl-C on rank 0 stops a reply on every rank at one step."""
+def terminal(dist: Dist) -> Iterator[None]:
+    """Around an interactive loop on rank 0 of N ranks: a Ctrl-C while it waits for input is raised at once; one
+    during a reply is held until rank 0's next step (dsq.parallel.Interrupt), never mid-forward."""
     if dist.world == 1:
-        yield console
+        yield
         return
-    old = signal.signal(signal.SIGINT, Interrupt.handler) if dist.rank == 0 else None
+    old = signal.signal(signal.SIGINT, Interrupt.handler)
     try:
-        yield _Terminal(console, dist.rank)
+        yield
     finally:
-        if old is not None:
-            signal.signal(signal.SIGINT, old)
+        signal.signal(signal.SIGINT, old)

@@ -4,6 +4,7 @@ free, so a model that does not fit gets a sentence saying what to change instead
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -11,8 +12,8 @@ from dsq.cache import bytes_per_token
 from dsq.checkpoint import role
 from dsq.config import Config
 from dsq.errors import DsqError
-from dsq.formats import Scheme
-from dsq.loader import tensor_names, unstacked
+from dsq.formats import Int4Group, Scheme
+from dsq.loader import read_config, tensor_names, unstacked
 from dsq.model import MLA, Transformer
 from dsq.parallel import Dist, shard_plan
 
@@ -100,3 +101,16 @@ def cache_tokens(cfg: Config, world: int, gpu_bytes: int, scheme: Scheme | None 
     per_token = bytes_per_token(cfg, kv_cache_dtype)
     return {"weights": weights, "activations": act, "overhead": overhead, "free": free, "per_token": per_token,
             "tokens": max(free, 0) // per_token}
+
+
+def check_fits(folder: Path, device: torch.device, dtype: torch.dtype, kv_cache_dtype: str, utilization: float,
+               tokens: int, rank: int = 0, world: int = 1, scheme: Scheme | None = None) -> MemoryPlan:
+    """Run the memory planner against the device's free memory before anything is allocated."""
+    cfg, declared = read_config(folder)
+    scheme = scheme or declared
+    int4 = scheme.uses(Int4Group)
+    free, total = torch.cuda.mem_get_info(device)
+    weights = sum(weight_bytes(cfg, scheme, dtype, world, rank).values())  # this rank's slices and experts
+    return memory_plan(cfg, weights, total, free, utilization, kv_cache_dtype, need_tokens=tokens,
+                       prefill_tokens=min(tokens, 4096), dtype_bytes=torch.empty(0, dtype=dtype).element_size(),
+                       int4_experts=int4)

@@ -8,7 +8,8 @@ Split (docs/parallel.md has the why and the memory arithmetic):
 - embedding and lm_head by vocab rows.
 Per layer: one all-reduce after attention, one after the MoE (routed + shared summed first) or dense MLP.
 Per forward: one all-reduce after the embedding, one all-gather of the logits; per step, one broadcast of
-rank 0's sampled tokens. At world size 1 every collective is the identity and nothing is sliced.
+the step rank 0 runs (`Dist.share`: rank 0 runs the engine, the others its steps). At world size 1 every
+collective is the identity and nothing is sliced.
 
 Splits need not be even: each range is cut into contiguous pieces of whole units, the first ranks taking one
 unit more. A unit is one head / column / expert / vocab row, or more where a quantization format needs it:
@@ -22,6 +23,7 @@ import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -128,6 +130,7 @@ class Dist:
     def __init__(self, shards: list[Shard], rank: int = 0):
         self.shards, self.rank, self.world = shards, rank, len(shards)
         self.shard = shards[rank]
+        self.broken = False  # a collective failed: the other ranks cannot be reached any more
 
     @staticmethod
     def single(cfg: Config) -> Dist:
@@ -149,37 +152,40 @@ class Dist:
         return torch.cat([p[..., :w] for p, w in zip(parts, widths, strict=True)], dim=-1)
 
     def share(self, obj: Any) -> Any:
-        """Rank 0's obj (picklable), on every rank: what rank 0 read decides what all ranks run."""
+        """Rank 0's obj (picklable), on every rank: the command rank 0 sends its followers (dsq.engine.runner).
+        Over a gloo group with no practical timeout, since a server may wait hours for its next request."""
         if self.world == 1:
             return obj
         box = [obj]
-        self._call(td.broadcast_object_list, "broadcast", box, src=0)
+        self._call(td.broadcast_object_list, "broadcast", box, src=0, group=commands())
         return box[0]
-
-    def agree(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Rank 0's sampled tokens [B], on every rank, so that sampling cannot make ranks diverge. A Ctrl-C
-        on rank 0 (see dsq.launch.terminal) travels with them and stops every rank at this same step."""
-        if self.world == 1:
-            return tokens
-        msg = torch.cat([tokens, tokens.new_tensor([Interrupt.take()])])
-        self._call(td.broadcast, "broadcast", msg, src=0)
-        if msg[-1]:
-            raise KeyboardInterrupt
-        return msg[:-1]
 
     def _call(self, fn: Callable[..., Any], what: str, *args: Any, **kwargs: Any) -> None:
         try:
             fn(*args, **kwargs)
         except RuntimeError as e:
+            self.broken = True
             cause = str(e).split("\n", 1)[0].split("] ", 1)[-1].split(". ", 1)[0][:200]  # gloo's first sentence
             raise DsqError(f"rank {self.rank}: {what} failed, so another rank has died or stalled ({cause}); "
                            "stopping") from None
 
 
+_COMMANDS: list[Any] = []  # the process group Dist.share uses, opened with the job (dsq.launch.init)
+
+
+def open_commands() -> None:
+    """Open the command group; every rank calls it once, right after joining the job."""
+    _COMMANDS[:] = [td.new_group(backend="gloo", timeout=timedelta(days=365))]
+
+
+def commands() -> Any:
+    return _COMMANDS[0]
+
+
 class Interrupt:
-    """Rank 0's Ctrl-C (dsq.launch.terminal installs the handler): raised at once while it waits for input
-    (nothing is shared yet), otherwise held until the next `Dist.agree`, which stops every rank at the same
-    step."""
+    """Rank 0's Ctrl-C on N ranks (dsq.launch.terminal installs the handler): raised at once while it waits for
+    input, otherwise held until rank 0 sends its next step (`ModelRunner.forward`), so it never lands between
+    the collectives of a forward the other ranks are running."""
 
     reading = False
     pending = False
@@ -191,6 +197,6 @@ class Interrupt:
         cls.pending = True
 
     @classmethod
-    def take(cls) -> int:
+    def take(cls) -> bool:
         pending, cls.pending = cls.pending, False
-        return int(pending)
+        return pending

@@ -1,6 +1,6 @@
 """Fault injection from outside the product: run the dsq CLI with one function wrapped to fail.
 
-    python tests/faults.py rank RANK STEP exit|hang CLI-ARGS...   rank RANK fails at its STEP-th token agreement
+    python tests/faults.py rank RANK STEP exit|hang CLI-ARGS...   rank RANK fails at its STEP-th engine step
     python tests/faults.py start RANK exit|hang CLI-ARGS...       spawned rank RANK fails while importing
     python tests/faults.py kill N CLI-ARGS...                      SIGKILL after the N-th converted tensor
 
@@ -16,20 +16,20 @@ import time
 
 
 def _rank_fault(rank: int, step: int, how: str) -> None:
-    from dsq.parallel import Dist
+    from dsq.engine.runner import ModelRunner
 
-    agree, calls = Dist.agree, [0]
+    compute, calls = ModelRunner.compute, [0]
 
-    def failing_agree(self, tokens):
-        if self.world > 1 and self.rank == rank:
+    def failing_compute(self, batch):
+        if self.net.dist.rank == rank:
             calls[0] += 1
             if calls[0] == step:
                 if how == "hang":
                     time.sleep(1e6)
                 os._exit(3)
-        return agree(self, tokens)
+        return compute(self, batch)
 
-    Dist.agree = failing_agree
+    ModelRunner.compute = failing_compute
 
 
 def _start_fault(rank: int, how: str) -> None:

@@ -40,9 +40,6 @@ class FakeRunner:
                 rows.append(self.logits_for(self.cache[slots].tolist()))
         return torch.stack(rows) if rows else torch.empty(0, self.vocab)
 
-    def agree(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens  # one rank
-
 
 def alone(prompt: list[int], params: SamplingParams, **runner) -> list[int]:
     """The output of a prompt run by itself on a fresh engine; when greedy, checked against the fake model

@@ -23,16 +23,14 @@ log = logging.getLogger(__name__)
 
 
 class Runner(Protocol):
-    """What the engine needs of a model: the geometry of the page pool it allocated once, a forward that
+    """What the engine needs of a model: the geometry of the page pool it allocated once, and a forward that
     writes the batch's new tokens to their slots and returns float32 logits [number of seqs with `logits`, V],
-    in the order of `batch.seqs`, and `agree`: the sampled tokens every rank goes on with (rank 0's)."""
+    in the order of `batch.seqs`."""
 
     num_pages: int
     page_size: int
 
     def forward(self, batch: StepBatch) -> torch.Tensor: ...
-
-    def agree(self, tokens: torch.Tensor) -> torch.Tensor: ...
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -171,7 +169,7 @@ class Engine:
         tokens = sample(logits, as_tensor([q.temperature for q in p], torch.float32),
                         as_tensor([q.top_k for q in p], torch.long), as_tensor([q.top_p for q in p], torch.float32),
                         as_tensor(uniform, torch.float32))
-        tokens = self.runner.agree(tokens).tolist()  # the step's one host sync
+        tokens = tokens.tolist()  # the step's one host sync
         if -1 in tokens:  # sampling would have made them a token
             raise DsqError("the model produced NaN or Inf logits; generation stopped (damaged weights, or an "
                            "overflow: try dtype float32)")

@@ -1,6 +1,10 @@
 """The model runner: owns the model's latent-cache page pools and runs the engine's flattened steps through it
 (nano-vllm's model_runner.py). The engine decides which tokens run and where they are cached; the runner
-turns that into tensors and the model computes."""
+turns that into tensors and the model computes.
+
+On N ranks rank 0 runs the engine and its runner; the other ranks run `follow`: they make the same runner and
+compute each step rank 0 sends them (`Dist.share`), so the collectives inside the forward pair up. Only rank 0
+samples."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch
 from dsq.cache import Attention
 from dsq.engine.scheduler import StepBatch
 from dsq.model import Transformer
+from dsq.parallel import Interrupt
 
 
 class ModelRunner:
@@ -17,13 +22,21 @@ class ModelRunner:
 
     def __init__(self, net: Transformer, num_pages: int, page_size: int = 64):
         self.net, self.num_pages, self.page_size = net, num_pages, page_size
+        if net.dist.rank == 0:
+            net.dist.share(("runner", num_pages, page_size))
         self.cache = net.new_cache(num_pages, page_size)
 
-    @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
-        """float32 logits [seqs with `logits`, V], in the order of `batch.seqs`. On N ranks every rank runs
-        rank 0's batch."""
-        batch = self.net.dist.share(batch)
+        """float32 logits [seqs with `logits`, V], in the order of `batch.seqs` (on rank 0: sent to the others
+        first; a Ctrl-C held since the last step is raised here, before anything is sent)."""
+        if self.net.dist.world > 1:
+            if Interrupt.take():
+                raise KeyboardInterrupt
+            self.net.dist.share(("step", batch))
+        return self.compute(batch)
+
+    @torch.inference_mode()
+    def compute(self, batch: StepBatch) -> torch.Tensor:
         device = self.net.inv_freq.device
         attn = Attention.build(self.cache, [(s.start, s.length, s.context, s.pages) for s in batch.seqs],
                                batch.slots, device)
@@ -31,6 +44,37 @@ class ModelRunner:
         as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)
         return self.net(as_long(batch.tokens), as_long(batch.positions), attn, rows)
 
-    def agree(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Rank 0's sampled tokens on every rank (a Ctrl-C on rank 0 travels with them: dsq.parallel.Dist)."""
-        return self.net.dist.agree(tokens)
+
+def full_forward(net: Transformer, input_ids: torch.Tensor, page_size: int = 64) -> torch.Tensor:
+    """float32 logits [B, T, V] of input_ids [B, T] from an empty cache of this call's own (on rank 0 of N
+    ranks, sent to the others first)."""
+    if net.dist.rank == 0:
+        net.dist.share(("logits", input_ids))
+    device = net.inv_freq.device
+    b, t = input_ids.shape
+    per = -(-t // page_size)  # pages per row
+    seqs = [(i * t, t, t, list(range(i * per, (i + 1) * per))) for i in range(b)]
+    slots = [(i * per + p // page_size) * page_size + p % page_size for i in range(b) for p in range(t)]
+    attn = Attention.build(net.new_cache(b * per, page_size), seqs, slots, device)
+    pos = torch.arange(t, device=device).repeat(b)
+    return net(input_ids.to(device).flatten(), pos, attn).view(b, t, -1)
+
+
+def follow(net: Transformer) -> None:
+    """Ranks > 0: make the runner rank 0 makes and compute the steps it sends, until it says stop."""
+    runner = None
+    while True:
+        command, *args = net.dist.share(None)
+        if command == "stop":
+            return
+        if command == "runner":
+            runner = ModelRunner(net, *args)
+        elif command == "step":
+            runner.compute(*args)
+        elif command == "logits":
+            full_forward(net, *args)
+
+
+def stop_followers(net: Transformer) -> None:
+    """Rank 0 of N: tell the other ranks to stop following (they return from `follow`)."""
+    net.dist.share(("stop",))
