@@ -16,7 +16,6 @@ from rich.console import Console
 from dsq.config import Config
 from dsq.errors import DsqError
 
-PAGE_SIZE = 64  # tokens per page of the latent cache, the MLA decode kernel's block
 CPU_SEQUENCES = 8  # on CPU (no memory planner), the pool holds this many sequences of --max-model-len
 
 
@@ -49,8 +48,9 @@ def check_port(host: str, port: int) -> None:
 def pool_pages(net, max_model_len: int) -> int:
     """Pages of the pool: on a GPU, what the memory planner left for the cache at load (net.cache_tokens);
     on CPU, room for CPU_SEQUENCES sequences of max_model_len tokens."""
-    tokens = net.cache_tokens if net.cache_tokens is not None else CPU_SEQUENCES * max_model_len
-    pages = tokens // PAGE_SIZE
+    from dsq.engine.runner import PAGE_SIZE, planned_pages
+
+    pages = planned_pages(net, CPU_SEQUENCES * max_model_len)
     if pages * PAGE_SIZE < max_model_len:
         raise DsqError(f"--max-model-len {max_model_len}: the cache holds only {pages * PAGE_SIZE:,} tokens; "
                        "give a smaller --max-model-len or a higher --gpu-memory-utilization")
@@ -78,10 +78,10 @@ def run_serve(folder: Path, cfg: Config, model: str, host: str, port: int, max_m
                            gpu_memory_utilization=gpu_memory_utilization, tp=tp)
     if m.tokenizer is None:
         raise DsqError(f"{model}: no tokenizer.json; the server encodes text and chat messages with it")
-    runner = ModelRunner(m.net, pool_pages(m.net, max_model_len), page_size=PAGE_SIZE)
+    runner = ModelRunner(m.net, pool_pages(m.net, max_model_len))
     engine = Engine(runner)
     url = f"http://{host}:{port}/v1"
-    console.print(f"dsq serve: {served_model_name} at {url} ({runner.num_pages * PAGE_SIZE:,} cache tokens, "
+    console.print(f"dsq serve: {served_model_name} at {url} ({runner.num_pages * runner.page_size:,} cache tokens, "
                   f"context {max_model_len:,}); Ctrl-C stops", highlight=False, soft_wrap=True)
     auth = f' -H "Authorization: Bearer {api_key}"' if api_key else ""
     console.print(f"  try: curl {url}/models{auth}\n"

@@ -13,7 +13,7 @@ import torch
 from dsq.cache import KV_CACHE_DTYPES
 from dsq.checkpoint import resolve
 from dsq.engine import Engine, Request, SamplingParams
-from dsq.engine.runner import ModelRunner, follow, full_forward, stop_followers
+from dsq.engine.runner import ModelRunner, follow, full_forward, planned_pages, stop_followers
 from dsq.errors import DsqError
 from dsq.formats import SCHEMES, Scheme
 from dsq.launch import Job, init, spawn
@@ -122,7 +122,6 @@ def check_sampling(seed: int | None, stop: list[str] | None) -> None:
 
 
 CPU_BATCH = 4  # sequences of max_seq_len the CPU cache holds at once (more wait their turn, or are preempted)
-PAGE_SIZE = 64
 
 
 class Model:
@@ -167,8 +166,7 @@ class Model:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
-            tokens = self.net.cache_tokens or self._cpu_tokens  # on a GPU, what the memory planner left room for
-            self._engine = Engine(ModelRunner(self.net, max(1, tokens // PAGE_SIZE), PAGE_SIZE))
+            self._engine = Engine(ModelRunner(self.net, planned_pages(self.net, self._cpu_tokens)))
         return self._engine
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -177,7 +175,7 @@ class Model:
             raise DsqError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
         if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.cfg.vocab_size:
             raise DsqError(f"input_ids must be in [0, {self.cfg.vocab_size})")
-        return full_forward(self.net, input_ids, PAGE_SIZE)
+        return full_forward(self.net, input_ids)
 
     def _params(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, top_k: int,
                 seed: int | None) -> SamplingParams:

@@ -1,16 +1,18 @@
-"""GraphDecoder's warm-up and capture on CPU, with torch.cuda's stream and graph objects stubbed."""
+"""The runner's CUDA-graph decode on CPU, with torch.cuda's stream and graph objects stubbed: capture touches
+only the scratch page, and an engine whose decode steps replay the graphs gives the eager engine's tokens while
+requests join, finish and leave rows of a bucket empty."""
 
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
-from tiny import make_tiny, rows_of
+from tiny import make_tiny
 
 import dsq
-from dsq.cache import Attention, LatentCache
-from dsq.graphs import GraphDecoder, bucket
+from dsq.engine import Engine, SamplingParams
+from dsq.engine.runner import ModelRunner
+from dsq.graphs import BUCKETS, GraphDecoder, bucket
 
 
 class Stream:
@@ -19,21 +21,22 @@ class Stream:
 
 
 class Graph:
-    """Replay reruns the step eagerly; the test points it at the decoder once that is built."""
+    """Replay reruns the captured step eagerly (set on each decoder once it is built); capture records the
+    kernels without running them, which the stub mimics by putting every cache byte back afterwards."""
 
     replay = None
 
+    def pool(self) -> None:
+        return None
 
-def stub_cuda(monkeypatch, cache: LatentCache) -> None:
-    """torch.cuda as GraphDecoder uses it. Capture records kernels without running them, so the stubbed
-    capture runs the step and then puts every cache byte back: only the eager warm-up writes, as on a GPU."""
 
+def stub_cuda(monkeypatch, cache) -> None:
     @contextlib.contextmanager
-    def capture(graph: Graph):
-        before = copy.deepcopy(cache.pools)
+    def capture(graph: Graph, pool=None):
+        before = [[t.clone() if t is not None else None for t in pool_] for pool_ in cache.pools]
         yield
-        for pool, old in zip(cache.pools, before, strict=True):
-            for now, was in zip(pool, old, strict=True):
+        for pool_, old in zip(cache.pools, before, strict=True):
+            for now, was in zip(pool_, old, strict=True):
                 if now is not None:
                     now.copy_(was)
 
@@ -44,49 +47,61 @@ def stub_cuda(monkeypatch, cache: LatentCache) -> None:
     monkeypatch.setattr(torch.cuda, "graph", capture)
 
 
-def live_bytes(cache: LatentCache, tables: list[list[int]], lens: list[int]) -> list[torch.Tensor]:
-    """Every cached tensor at the positions sequence i owns (0..lens[i]-1), all layers."""
-    out, size = [], cache.page_size
-    for i, n in enumerate(lens):
-        slots = torch.tensor([tables[i][p // size] * size + p % size for p in range(n)])
-        out += [t.view(-1, t.shape[-1])[slots].clone() for pool in cache.pools for t in pool if t is not None]
-    return out
-
-
-def test_warm_up_leaves_the_live_cache_alone_and_decodes_as_eager(tmp_path, monkeypatch):
-    net = dsq.load_quantized(make_tiny(tmp_path, "lite"), kv_cache_dtype="fp32").net
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (11, 5, 8)]  # a bucket of 4 rows
-    lens, new = torch.tensor([len(p) for p in prompts]), 6
-    rows, size = bucket(len(prompts)), 16
-    tables = rows_of(-(-(int(lens.max()) + new) // size), rows)
-    cache = net.new_cache(rows * len(tables[0]), size)
-    n = lens.tolist()
-    seqs = [(sum(n[:i]), n[i], n[i], tables[i]) for i in range(len(n))]
-    slots = [tables[i][p // size] * size + p % size for i in range(len(n)) for p in range(n[i])]
-    pos = torch.cat([torch.arange(k) for k in n])
-    last = torch.tensor([sum(n[:i + 1]) - 1 for i in range(len(n))])
-    flat = torch.tensor([t for p in prompts for t in p])
-    first = net(flat, pos, Attention.build(cache, seqs, slots, "cpu"), last).argmax(-1)
-    before = live_bytes(cache, tables, n)
-    eager_cache = copy.deepcopy(cache)
-
-    stub_cuda(monkeypatch, cache)
-    decode = GraphDecoder(net, cache, torch.tensor(tables, dtype=torch.int32), lens)
-
+def replaying(decoder: GraphDecoder) -> None:
     def replay() -> None:
         with torch.inference_mode():
-            decode.logits.copy_(decode._step())
+            decoder.logits.copy_(decoder._step())
 
-    decode.graph.replay = replay
-    after = live_bytes(cache, tables, n)
-    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True)), "the warm-up overwrote a cached token"
+    decoder.graph.replay = replay
 
-    graphed, eager = [first], [first]
-    for step in range(new - 1):
-        at = lens + step
-        graphed.append(decode(graphed[-1], at).argmax(-1))
-        seqs = [(i, 1, int(at[i]) + 1, tables[i]) for i in range(len(n))]
-        slots = [tables[i][int(at[i]) // size] * size + int(at[i]) % size for i in range(len(n))]
-        eager.append(net(eager[-1], at, Attention.build(eager_cache, seqs, slots, "cpu")).argmax(-1))
-    assert torch.equal(torch.stack(graphed), torch.stack(eager))
+
+def pages(cache, ids) -> list[torch.Tensor]:
+    return [t[ids].clone() for pool in cache.pools for t in pool if t is not None]
+
+
+def test_buckets():
+    assert [bucket(n) for n in (1, 2, 3, 5, 256)] == [1, 2, 4, 8, 256] and bucket(257) is None
+    assert list(BUCKETS) == sorted(BUCKETS)
+
+
+def test_capture_writes_only_the_scratch_page(tmp_path, monkeypatch):
+    net = dsq.load_quantized(make_tiny(tmp_path, "lite"), kv_cache_dtype="fp32").net
+    runner = ModelRunner(net, 6, 8, graphs=False)
+    for pool in runner.cache.pools:  # every page holds something a sequence could own
+        for t in pool:
+            if t is not None:
+                t.copy_(torch.randn(t.shape).to(t.dtype))
+    live = list(range(runner.num_pages))
+    before = pages(runner.cache, live)
+    stub_cuda(monkeypatch, runner.cache)
+    runner.capture(max_batch=4)
+    assert sorted(runner.graphs) == [1, 2, 4]
+    assert all(torch.equal(a, b) for a, b in zip(before, pages(runner.cache, live), strict=True))
+
+
+def test_graph_decode_gives_the_eager_tokens(tmp_path, monkeypatch):
+    net = dsq.load_quantized(make_tiny(tmp_path, "lite"), kv_cache_dtype="fp32").net
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 1000, (n,), generator=gen).tolist() for n in (11, 5, 8, 3, 17)]
+    params = [SamplingParams(max_tokens=m) for m in (6, 3, 9, 1, 5)]  # rows finish at different steps
+
+    def run(engine: Engine) -> list[list[int]]:
+        first = [engine.add_request(p, q) for p, q in zip(prompts[:3], params[:3], strict=True)]
+        engine.step()
+        engine.step()  # decodes of the first three running: two more join
+        later = [engine.add_request(p, q) for p, q in zip(prompts[3:], params[3:], strict=True)]
+        while engine.has_work():
+            engine.step()
+        return [r.output for r in first + later]
+
+    eager = run(Engine(ModelRunner(net, 16, 8, graphs=False)))
+    runner = ModelRunner(net, 16, 8, graphs=False)
+    stub_cuda(monkeypatch, runner.cache)
+    runner.capture(max_batch=8)
+    replays = []
+    for b, decoder in runner.graphs.items():
+        replaying(decoder)
+        inner = decoder.graph.replay
+        decoder.graph.replay = lambda inner=inner, b=b: (replays.append(b), inner())
+    assert run(Engine(runner)) == eager
+    assert len(set(replays)) >= 2, f"decode steps replayed the buckets {replays}: too few to show rows left empty"

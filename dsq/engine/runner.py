@@ -12,19 +12,46 @@ import torch
 
 from dsq.cache import Attention
 from dsq.engine.scheduler import StepBatch
+from dsq.graphs import BUCKETS, GraphDecoder, bucket
 from dsq.model import Transformer
 from dsq.parallel import Interrupt
+
+PAGE_SIZE = 64  # tokens per page of the latent cache: the MLA decode kernel's block
+
+
+def planned_pages(net: Transformer, cpu_tokens: int, page_size: int = PAGE_SIZE) -> int:
+    """Pages a pool can give sequences: on a GPU what the memory planner left for the cache (net.cache_tokens),
+    elsewhere `cpu_tokens`' worth; less the runner's scratch page, which the plan holds too."""
+    return max(1, (net.cache_tokens or cpu_tokens) // page_size - 1)
 
 
 class ModelRunner:
     """`num_pages` pages of `page_size` slots per layer, allocated once: on a GPU what the memory planner
-    left room for (`net.cache_tokens // page_size`), on the CPU enough for the longest sequence times a few."""
+    left room for (`net.cache_tokens // page_size`), on the CPU enough for the longest sequence times a few.
+    One more page is the scratch page of the CUDA graphs, never given to a sequence.
 
-    def __init__(self, net: Transformer, num_pages: int, page_size: int = 64):
+    `graphs` (default: on one CUDA device with the Triton backend, whose decode step has no host sync): decode
+    steps of up to `max_batch` sequences replay a CUDA graph per batch bucket, captured here, once."""
+
+    def __init__(self, net: Transformer, num_pages: int, page_size: int = PAGE_SIZE, graphs: bool | None = None,
+                 max_batch: int = 256):
         self.net, self.num_pages, self.page_size = net, num_pages, page_size
         if net.dist.rank == 0:
-            net.dist.share(("runner", num_pages, page_size))
-        self.cache = net.new_cache(num_pages, page_size)
+            net.dist.share(("runner", num_pages, page_size, graphs, max_batch))
+        self.cache = net.new_cache(num_pages + 1, page_size)
+        device = net.inv_freq.device
+        if graphs is None:
+            graphs = device.type == "cuda" and net.backend == "triton" and net.dist.world == 1
+        self.graphs: dict[int, GraphDecoder] = {}
+        if graphs:
+            self.capture(max_batch)
+
+    def capture(self, max_batch: int) -> None:
+        """A graph per bucket up to max_batch's, largest first, sharing one memory pool."""
+        pool = None
+        for b in reversed([b for b in BUCKETS if b <= bucket(max_batch)]):
+            self.graphs[b] = GraphDecoder(self.net, self.cache, b, self.num_pages, self.num_pages, pool)
+            pool = self.graphs[b].graph.pool()
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """float32 logits [seqs with `logits`, V], in the order of `batch.seqs` (on rank 0: sent to the others
@@ -37,6 +64,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def compute(self, batch: StepBatch) -> torch.Tensor:
+        graph = self.graphs.get(bucket(len(batch.seqs)) or 0)
+        if graph is not None and all(s.length == 1 and s.context > 1 for s in batch.seqs):  # decodes only
+            return graph(batch.tokens, batch.positions, [s.pages for s in batch.seqs])
         device = self.net.inv_freq.device
         attn = Attention.build(self.cache, [(s.start, s.length, s.context, s.pages) for s in batch.seqs],
                                batch.slots, device)
@@ -45,7 +75,7 @@ class ModelRunner:
         return self.net(as_long(batch.tokens), as_long(batch.positions), attn, rows)
 
 
-def full_forward(net: Transformer, input_ids: torch.Tensor, page_size: int = 64) -> torch.Tensor:
+def full_forward(net: Transformer, input_ids: torch.Tensor, page_size: int = PAGE_SIZE) -> torch.Tensor:
     """float32 logits [B, T, V] of input_ids [B, T] from an empty cache of this call's own (on rank 0 of N
     ranks, sent to the others first)."""
     if net.dist.rank == 0:
