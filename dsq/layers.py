@@ -15,6 +15,7 @@ from torch import nn
 
 from dsq.errors import DsqError
 from dsq.formats import BF16, Format, FP8Channel, Scheme
+from dsq.quant import BLOCK
 
 BACKENDS = ("torch", "triton")
 
@@ -49,22 +50,54 @@ class Linear(nn.Module):
         return f"{self.fmt}, in={self.in_features}, out={self.out_features}{experts}, backend={self.backend}"
 
 
-def project(x: torch.Tensor, *linears: Linear) -> list[torch.Tensor]:
-    """The same input through several linear modules. FP8 ones of one format on the Triton backend share one
-    activation quantization (act_quant once, then fp8_gemm_q per weight) when the batch is past the size
-    where fp8_gemm quantizes inside the GEMM; the results are the same as calling each module."""
+def join(*linears: Linear) -> None:
+    """Store linear modules that read the same input (q_proj and kv_a_proj_with_mqa, gate_proj and up_proj) as
+    one weight [sum of out, in], each module's tensors becoming row views of it, so that `project` runs them as
+    one GEMM: one launch and one activation quantization instead of one each. Only where the rows concatenate
+    in their format: one format, and under 128x128 block scales every module but the last a whole number of
+    blocks. Call once their tensors are loaded and on their device (moving the model afterwards unjoins them)."""
     fmt = linears[0].fmt
-    if (len(linears) < 2 or not isinstance(fmt, FP8Channel) or any(m.fmt != fmt for m in linears)
-            or linears[0].backend != "triton"):
+    if any(m.fmt != fmt or m.n_experts for m in linears) or (getattr(fmt, "block", False) and any(
+            m.out_features % BLOCK for m in linears[:-1])):
+        return
+    with torch.device("meta"):  # its tensors are set below
+        whole = Linear(linears[0].in_features, sum(m.out_features for m in linears), fmt,
+                       backend=linears[0].backend)
+    for name in whole.tensors():
+        parts = [m.tensors()[name] for m in linears]
+        setattr(whole, name, torch.cat(parts))
+        for m, view in zip(linears, getattr(whole, name).split([p.shape[0] for p in parts]), strict=True):
+            setattr(m, name, view)
+    linears[0].joined = (whole, linears)  # a plain attribute: not a submodule, not in the state dict
+
+
+def project(x: torch.Tensor, *linears: Linear) -> list[torch.Tensor]:
+    """The same input through several linear modules: one GEMM over their joined weight (`join`) when they
+    were joined; else FP8 ones of one format on the Triton backend share one activation quantization (act_quant
+    once, then fp8_gemm_q per weight); else one call each. The results are the same as calling each module."""
+    whole, parts = getattr(linears[0], "joined", (None, ()))
+    if parts == linears:
+        return list(whole(x).split([m.out_features for m in linears], dim=-1))
+    fmt = linears[0].fmt
+    if not isinstance(fmt, FP8Channel) or any(m.fmt != fmt or m.backend != "triton" for m in linears):
         return [m(x) for m in linears]
     from dsq.kernels import act_quant, fp8_gemm_q
-    from dsq.kernels.fp8_gemm import SMALL_M
 
-    flat = x.reshape(-1, x.shape[-1])
-    if flat.shape[0] <= SMALL_M:
-        return [m(x) for m in linears]
-    xq, xs = act_quant(flat, fmt.act_group)
+    xq, xs = act_quant(x.reshape(-1, x.shape[-1]), fmt.act_group)
     return [fp8_gemm_q(xq, xs, m.weight, m.weight_scale, x.dtype).view(*x.shape[:-1], -1) for m in linears]
+
+
+def swiglu(x: torch.Tensor, gate: Linear, up: Linear, down: Linear) -> torch.Tensor:
+    """down(silu(gate x) * up x), the dense layers' and shared experts' MLP. With FP8 weights on the Triton
+    backend silu * up is one kernel that also quantizes the product for down's GEMM."""
+    g, u = project(x, gate, up)
+    if not (isinstance(down.fmt, FP8Channel) and down.backend == "triton"):
+        return down(F.silu(g) * u)
+    from dsq.kernels import fp8_gemm_q, silu_mul_quant
+
+    lead, n = g.shape[:-1], g.shape[-1]
+    q, scale = silu_mul_quant(g.reshape(-1, n), u.reshape(-1, n), down.fmt.act_group)
+    return fp8_gemm_q(q, scale, down.weight, down.weight_scale, x.dtype).view(*lead, -1)
 
 
 class Experts(nn.Module):
@@ -137,11 +170,11 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
-    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + residual, its norm): one kernel on the Triton backend."""
+    def add(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, its norm), x itself without a residual: one kernel on the Triton backend."""
         if self.backend == "triton":
             from dsq.kernels import add_rms_norm
 
             return add_rms_norm(x, self.weight, self.eps, residual)[:2]
-        x = x + residual
+        x = x if residual is None else x + residual
         return x, self(x)

@@ -17,7 +17,7 @@ from torch.nn.attention.bias import causal_lower_right
 from dsq.cache import Attention, LatentCache
 from dsq.config import Config
 from dsq.formats import Scheme
-from dsq.layers import Build, RMSNorm, project
+from dsq.layers import Build, RMSNorm, join, project, swiglu
 from dsq.parallel import Dist
 from dsq.rope import apply_rope, rope_frequencies
 
@@ -153,8 +153,7 @@ class MLP(nn.Module):
         self.down_proj = build.linear(f"{name}.down_proj", inter, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, self.gate_proj, self.up_proj)
-        return self.down_proj(F.silu(gate) * up)
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
 
 
 class MoE(nn.Module):
@@ -191,7 +190,8 @@ class MoE(nn.Module):
 
 class Block(nn.Module):
     """Attention then MLP or MoE, each a residual. On N ranks each returns a partial sum, completed by one
-    all-reduce: two per layer, the fewest the RMSNorm between them allows."""
+    all-reduce: two per layer, the fewest the RMSNorm between them allows. The MLP's output is returned, not
+    added: the next block's first norm (or the final one) adds it in the same kernel."""
 
     def __init__(self, cfg: Config, layer: int, build: Build, dist: Dist):
         super().__init__()
@@ -203,11 +203,13 @@ class Block(nn.Module):
         self.mlp = (MoE(cfg, build, dist, f"{name}.mlp") if cfg.is_moe(layer)
                     else MLP(build, f"{name}.mlp", cfg.hidden_size, dense))
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                attn: Attention) -> torch.Tensor:
-        out = self.dist.all_reduce(self.self_attn(self.input_layernorm(x), pos, rope, attn, self.layer))
-        x, h = self.post_attention_layernorm.add(x, out)
-        return x + self.dist.all_reduce(self.mlp(h))
+    def forward(self, x: torch.Tensor, mlp_out: torch.Tensor | None, pos: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor], attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual stream, MLP output) of the previous block -> those of this one."""
+        x, h = self.input_layernorm.add(x, mlp_out)
+        x, h = self.post_attention_layernorm.add(x, self.dist.all_reduce(
+            self.self_attn(h, pos, rope, attn, self.layer)))
+        return x, self.dist.all_reduce(self.mlp(h))
 
 
 class Embedding(nn.Module):
@@ -234,7 +236,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = Embedding(cfg.hidden_size, build.dtype, dist)
         self.layers = nn.ModuleList(Block(cfg, i, build, dist) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, build.dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, build.dtype, build.backend)
 
 
 class Transformer(nn.Module):
@@ -261,9 +263,14 @@ class Transformer(nn.Module):
         self.inv_freq.copy_(rope_frequencies(self.cfg))
 
     def prepare(self) -> None:
-        """What is derived from the loaded tensors: each layer's absorbed-attention weights."""
+        """What is derived from the loaded tensors: each layer's absorbed-attention weights, and the projections
+        of one input joined into one weight (dsq.layers.join)."""
         for layer in self.model.layers:
             layer.self_attn.prepare()
+            a, mlp = layer.self_attn, getattr(layer.mlp, "shared_experts", layer.mlp)
+            join(a.q_a_proj if hasattr(a, "q_a_proj") else a.q_proj, a.kv_a_proj_with_mqa)
+            if mlp is not None:
+                join(mlp.gate_proj, mlp.up_proj)
 
     def new_cache(self, num_pages: int, page_size: int = 64) -> LatentCache:
         """Page pools for every layer, in this model's kv_cache_dtype, on its device."""
@@ -278,9 +285,9 @@ class Transformer(nn.Module):
         y = self.cfg.rope_scaling
         factor = y.attention_factor if y is not None else 1.0
         rope = (angle.cos() * factor, angle.sin() * factor)
-        x = self.model.embed_tokens(tokens)
+        x, mlp_out = self.model.embed_tokens(tokens), None
         for layer in self.model.layers:
-            x = layer(x, pos, rope, attn)
+            x, mlp_out = layer(x, mlp_out, pos, rope, attn)
         if rows is not None:
-            x = x[rows]
-        return self.dist.all_gather(self.lm_head(self.model.norm(x)).float(), self.vocab)
+            x, mlp_out = x[rows], mlp_out[rows]
+        return self.dist.all_gather(self.lm_head(self.model.norm.add(x, mlp_out)[1]).float(), self.vocab)

@@ -5,7 +5,7 @@ Each wrapper asserts its shapes and dtypes and runs on CUDA tensors, or on CPU t
 TRITON_INTERPRET=1 (how CI checks them against the plain-torch references in dsq.quant).
 """
 
-from .act_quant import act_quant
+from .act_quant import act_quant, silu_mul_quant
 from .common import GemmConfig
 from .fp8_gemm import fp8_gemm, fp8_gemm_q
 from .fused_moe import fused_moe, fused_moe_ref, moe_align
@@ -24,4 +24,5 @@ __all__ = [
     "int4_gemm",
     "moe_align",
     "route",
+    "silu_mul_quant",
 ]

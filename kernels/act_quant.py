@@ -1,4 +1,5 @@
-"""Dynamic FP8 (e4m3fn) activation quantization, per token or per token and 1xG group.
+"""Dynamic FP8 (e4m3fn) activation quantization, per token or per token and 1xG group; and the SwiGLU product
+silu(gate) * up quantized the same way in one launch (what a down_proj GEMM reads).
 
 Matches `dsq.quant.fp8_quantize_act` bit for bit: scale = max(amax, 1e-12) / 448 and q = rne(x / scale),
 both with IEEE division. The fp32 -> fp8 rounding is `common.round_e4m3`
@@ -13,7 +14,7 @@ import triton.language as tl
 
 from dsq.quant import FP8, FP8_MAX
 
-from .common import round_e4m3
+from .common import cast_out, round_e4m3
 
 
 @triton.jit
@@ -81,5 +82,65 @@ def act_quant(x: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, 
     _act_quant_kernel[(m, n_groups)](
         x, q.view(torch.uint8), scale, k, g, x.stride(0), q.stride(0), scale.stride(0),
         FMAX=FP8_MAX, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+    )
+    return q, scale
+
+
+@triton.jit
+def _swiglu(g_ptr, u_ptr, offs, mask, dtype: tl.constexpr):
+    """silu(gate) * up as torch computes it on 16-bit tensors: silu in fp32 rounded to dtype, then the product
+    (exact in fp32) rounded again."""
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s = cast_out(tl.math.div_rn(g, 1.0 + tl.exp(-g)), dtype).to(tl.float32)
+    return cast_out(s * u, dtype).to(tl.float32)
+
+
+@triton.jit
+def _silu_mul_quant_kernel(
+    g_ptr, u_ptr, q_ptr, s_ptr, K, GROUP, stride_m, stride_qm, stride_sm,
+    DTYPE: tl.constexpr, FMAX: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per (token, group), as _act_quant_kernel, computing the product in both passes (cheaper
+    than storing it)."""
+    m = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    start = g * GROUP
+    end = tl.minimum(start + GROUP, K)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(start, end, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        y = _swiglu(g_ptr + m * stride_m, u_ptr + m * stride_m, offs, offs < end, DTYPE)
+        amax = tl.maximum(amax, tl.abs(y))
+    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), FMAX)
+    tl.store(s_ptr + m * stride_sm + g, scale)
+    for k0 in range(start, end, BLOCK):
+        offs = k0 + tl.arange(0, BLOCK)
+        y = _swiglu(g_ptr + m * stride_m, u_ptr + m * stride_m, offs, offs < end, DTYPE)
+        v = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -FMAX), FMAX)
+        tl.store(q_ptr + m * stride_qm + offs, round_e4m3(v).to(tl.uint8), mask=offs < end)
+
+
+def silu_mul_quant(
+    gate: torch.Tensor, up: torch.Tensor, group: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """act_quant(silu(gate) * up, group) for gate, up [M, K] of one dtype, as act_quant returns it: one launch
+    instead of three (silu, mul, quantize) and no [M, K] product in memory. gate and up may be the two halves
+    of one joined GEMM's output (row views with a common stride)."""
+    assert gate.shape == up.shape and gate.dim() == 2 and gate.dtype == up.dtype, (gate.shape, up.shape)
+    assert gate.stride() == up.stride() and gate.stride(1) == 1, "gate and up must be row-major with one stride"
+    assert gate.dtype in (torch.bfloat16, torch.float16, torch.float32), gate.dtype
+    m, k = gate.shape
+    g = k if group is None else group
+    n_groups = triton.cdiv(k, g)
+    q = torch.empty(m, k, dtype=FP8, device=gate.device)
+    scale = torch.empty(m, n_groups, dtype=torch.float32, device=gate.device)
+    if m == 0:
+        return q, scale
+    block = min(triton.next_power_of_2(g), 2048)
+    dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[gate.dtype]
+    _silu_mul_quant_kernel[(m, n_groups)](
+        gate, up, q.view(torch.uint8), scale, k, g, gate.stride(0), q.stride(0), scale.stride(0),
+        DTYPE=dtype, FMAX=FP8_MAX, BLOCK=block, num_warps=4 if block <= 1024 else 8,
     )
     return q, scale

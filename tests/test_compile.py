@@ -33,7 +33,8 @@ PREFILL_M = (512, 4096)  # a prefill chunk (generate's default chunk is 4096 tok
 CONTEXTS = (32, 4096, 32768)  # cache lengths: one 32-token tile (1 KV split), a few splits, many
 
 KERNELS = {"_act_quant_kernel", "_fp8_gemm_kernel", "_int4_gemm_kernel", "_splitk_reduce_kernel", "_moe_kernel",
-           "_cache_write_kernel", "_decode_kernel", "_reduce_kernel", "_add_rms_norm_kernel", "_router_kernel"}
+           "_cache_write_kernel", "_decode_kernel", "_reduce_kernel", "_add_rms_norm_kernel", "_router_kernel",
+           "_silu_mul_quant_kernel"}
 
 
 def launch_all() -> None:
@@ -41,8 +42,8 @@ def launch_all() -> None:
     import torch
 
     kernel = lambda name: importlib.import_module("dsq.kernels." + name)  # the package attributes are the functions
-    fg, ig, fm, mc, md, nm, rt = (kernel(n) for n in ("fp8_gemm", "int4_gemm", "fused_moe", "mla_cache", "mla_decode",
-                                                      "norm", "router"))
+    fg, ig, fm, mc, md, nm, rt, aq = (kernel(n) for n in ("fp8_gemm", "int4_gemm", "fused_moe", "mla_cache",
+                                                          "mla_decode", "norm", "router", "act_quant"))
     bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
     x = lambda m, k: torch.empty(m, k, dtype=bf16)
     # the norms (hidden; V2's q_lora 1536 and hidden 5120) with the residual add, unquantized or quantized for
@@ -54,13 +55,19 @@ def launch_all() -> None:
     for m in (1, 64, 4096):
         rt.route(torch.empty(m, EXPERTS), TOP_K)
         rt.route(torch.empty(m, 160), TOP_K, groups=8, topk_groups=3, scale=16.0)
-    # FP8 linears (attention, shared experts, the dense MLP), channel or 128x128 block scales
+    # FP8 linears (attention, shared experts, the dense MLP), channel or 128x128 block scales; q_proj + kv_a and
+    # gate + up as joined at load (dsq.layers.join)
     fp8_linears = [(HEADS * (NOPE + ROPE), HIDDEN), (KV_LORA + ROPE, HIDDEN), (HEADS * (NOPE + V_DIM), KV_LORA),
                    (HIDDEN, HEADS * V_DIM), (SHARED * MOE, HIDDEN), (HIDDEN, SHARED * MOE), (DENSE, HIDDEN),
-                   (HIDDEN, DENSE)]
+                   (HIDDEN, DENSE), (HEADS * (NOPE + ROPE) + KV_LORA + ROPE, HIDDEN), (2 * SHARED * MOE, HIDDEN),
+                   (2 * DENSE, HIDDEN)]
     for (n, k), m, block in itertools.product(fp8_linears, DECODE_M + PREFILL_M, (False, True)):
         scale = torch.empty(-(-n // 128), -(-k // 128)) if block else torch.empty(n, 1)
         fg.fp8_gemm(x(m, k), torch.empty(n, k, dtype=fp8), scale)
+    # silu(gate) * up quantized for down_proj, reading the two halves of the joined gate + up output
+    for inter, m, group in itertools.product((SHARED * MOE, DENSE), DECODE_M + PREFILL_M, (None, 128)):
+        gate, up = x(m, 2 * inter).split(inter, dim=1)
+        aq.silu_mul_quant(gate, up, group)
     # INT4 linears (`dsq quantize --shared int4`): the shared experts, g128 (the zero-point path is the
     # MoE kernel's, compiled below)
     for (n, k), m in itertools.product([(SHARED * MOE, HIDDEN), (HIDDEN, SHARED * MOE)], DECODE_M + PREFILL_M):
