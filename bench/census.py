@@ -8,7 +8,8 @@ and 64 and a 512-token prefill chunk:
 - kernels per layer: Triton launches, plus torch ops that are GPU kernels (every aten op that is not a view,
   an allocation or a host read);
 - bytes read per step: of weights (each launch's or op's model tensors; of stacked experts only the experts the
-  step routes to) and of the cache, against the ideal (every weight of the step read once, active experts only,
+  step routes to; of the embedding the rows of the step's tokens) and of the cache (what attention reads; the
+  cache write stores the new tokens and reads none of it), against the ideal (every weight of the step read once, active experts only,
   plus the cache in use);
 - weight-sized temporaries: op outputs at least as large as the smallest weight matrix;
 - host syncs: reads of device values by the host (`.item()`, `bool(t)`, `.tolist()`, `nonzero`, ...).
@@ -39,6 +40,7 @@ H200_SMS = 132
 NOT_KERNELS = {"item", "is_nonzero", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
                "_local_scalar_dense", "lift_fresh", "alias", "detach", "set_"}
 HOST_FACTORIES = {"lift_fresh", "lift_fresh_copy", "scalar_tensor"}  # torch.tensor(a Python number): on the host
+CACHE_WRITES = {"_cache_write_kernel"}  # store the step's new tokens in the pool; read none of it
 SYNCS = {"item", "is_nonzero", "_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive",
          "unique_dim", "bincount", "repeat_interleave"}  # bincount/repeat_interleave: an output size the host must read
 
@@ -79,8 +81,9 @@ class Census(TorchDispatchMode):
     def tally(self) -> Tally:
         return self.tallies[self.layer]
 
-    def reads(self, tensors) -> None:
-        """Charge the step for the model and cache tensors a kernel reads."""
+    def reads(self, tensors, cache_tokens: int | None = None) -> None:
+        """Charge the step for the model and cache tensors a kernel reads (`cache_tokens` per sequence of the
+        cache: by default the tokens in use, all of which attention reads)."""
         seen = set()
         for t in tensors:
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
@@ -98,7 +101,8 @@ class Census(TorchDispatchMode):
             elif ptr in self.cache_ptrs:
                 part = self.cache_ptrs[ptr]  # [blocks, block_size, ...]: what the sequences' tokens use of it
                 per_token = part[0, 0].numel() * part.element_size()
-                self.tally().cache_bytes += per_token * self.cache_tokens * self.cache_seqs
+                self.tally().cache_bytes += per_token * (self.cache_tokens * self.cache_seqs if cache_tokens is None
+                                                         else cache_tokens)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -118,7 +122,11 @@ class Census(TorchDispatchMode):
         if name in NOT_KERNELS or (views and name != "copy_"):
             return out
         self.tally().torch[name] += 1
-        self.reads(flat)
+        if name == "embedding":  # a gather: the rows of the step's tokens, not the table
+            weight, ids = args[:2]
+            self.tally().weight_bytes += ids.numel() * weight.shape[-1] * weight.element_size()
+        else:
+            self.reads(flat)
         for o in outs:
             nbytes = o.numel() * o.element_size()
             if nbytes >= self.threshold and o.untyped_storage().data_ptr() not in self.weights and \
@@ -133,8 +141,9 @@ class Census(TorchDispatchMode):
 
     def launch(self, fn, args, kwargs) -> None:
         t = self.tally()
-        t.triton[getattr(fn, "__name__", str(fn))] += 1
-        self.reads([*args, *kwargs.values()])
+        name = getattr(fn, "__name__", str(fn))
+        t.triton[name] += 1
+        self.reads([*args, *kwargs.values()], self.tokens if name in CACHE_WRITES else None)
 
 
 def _tensors(pool) -> list[torch.Tensor]:
