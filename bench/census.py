@@ -9,8 +9,8 @@ and 64 and a 512-token prefill chunk:
   an allocation or a host read);
 - bytes read per step: of weights (each launch's or op's model tensors; of stacked experts only the experts the
   step routes to; of the embedding the rows of the step's tokens) and of the cache (what attention reads; the
-  cache write stores the new tokens and reads none of it), against the ideal (every weight of the step read once, active experts only,
-  plus the cache in use);
+  cache write stores the new tokens and reads none of it), against the ideal (every weight of the step read
+  once, active experts only, plus the cache in use);
 - weight-sized temporaries: op outputs at least as large as the smallest weight matrix;
 - host syncs: reads of device values by the host (`.item()`, `bool(t)`, `.tolist()`, `nonzero`, ...).
 Triton launches are recorded, not run (no GPU here: their outputs stay unwritten, so values downstream are
