@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 H200_SMS = 132
 NOT_KERNELS = {"item", "is_nonzero", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
-               "_local_scalar_dense", "lift_fresh", "alias", "detach", "set_"}
+               "_local_scalar_dense", "lift_fresh", "alias", "detach", "detach_", "set_"}
 HOST_FACTORIES = {"lift_fresh", "lift_fresh_copy", "scalar_tensor"}  # torch.tensor(a Python number): on the host
 CACHE_WRITES = {"_cache_write_kernel"}  # store the step's new tokens in the pool; read none of it
 SYNCS = {"item", "is_nonzero", "_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive",
@@ -310,7 +310,8 @@ def step(net, batch: int, tokens: int, context: int, threshold: int) -> tuple[Ce
     try:
         with as_on_an_h200(census), census:
             logits = runner.forward(work)
-            sample(logits, zeros, zeros.long(), ones, torch.rand(batch)).tolist()  # greedy; the host reads the ids
+            # greedy, as the engine samples it; the host reads the ids
+            sample(logits, zeros, zeros.long(), ones, torch.rand(batch), all_greedy=True).tolist()
     finally:
         for h in hooks:
             h.remove()
@@ -355,6 +356,9 @@ def report(name: str, census: Census, ideal: dict[str, int], full) -> dict:
         "temporary bytes (measured layers)": sum(b for _, b in temps),
         "host syncs per step (measured layers + outside)": sum(sum(x.syncs.values()) for x in t.values()),
         "host syncs by op": dict(sum((x.syncs for x in t.values()), Counter())),
+        "temporaries by op": [op for k in layers for op, _ in t[k].temporaries],
+        "outside layers": {"triton_kernels": dict(t["model"].triton),
+                           "torch_ops": dict(t["model"].torch.most_common())},
         "per layer": per_layer,
     }
 
