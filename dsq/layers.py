@@ -71,27 +71,38 @@ def join(*linears: Linear) -> None:
     linears[0].joined = (whole, linears)  # a plain attribute: not a submodule, not in the state dict
 
 
-def project(x: torch.Tensor, *linears: Linear) -> list[torch.Tensor]:
-    """The same input through several linear modules: one GEMM over their joined weight (`join`) when they
-    were joined; else FP8 ones of one format on the Triton backend share one activation quantization (act_quant
-    once, then fp8_gemm_q per weight); else one call each. The results are the same as calling each module."""
+def fp8_input(*linears: Linear) -> FP8Channel | None:
+    """The FP8 format of linear modules reading one input when they can share its activation quantization (one
+    FP8 format, the Triton backend), else None."""
+    fmt = linears[0].fmt if linears else None
+    ok = isinstance(fmt, FP8Channel) and all(m.fmt == fmt and m.backend == "triton" for m in linears)
+    return fmt if ok else None
+
+
+def project(x: torch.Tensor, *linears: Linear, xq: tuple[torch.Tensor, torch.Tensor] | None = None
+            ) -> list[torch.Tensor]:
+    """The same input through several linear modules, as calling each: one GEMM over their joined weight when
+    they were joined (`join`); FP8 ones share one activation quantization, `xq` (act_quant's (q, scale) of x,
+    made by the norm before: kernels/norm.py) or one made here."""
     whole, parts = getattr(linears[0], "joined", (None, ()))
-    if parts == linears:
-        return list(whole(x).split([m.out_features for m in linears], dim=-1))
-    fmt = linears[0].fmt
-    if not isinstance(fmt, FP8Channel) or any(m.fmt != fmt or m.backend != "triton" for m in linears):
-        return [m(x) for m in linears]
-    from dsq.kernels import act_quant, fp8_gemm_q
+    mods = [whole] if parts == linears else list(linears)
+    fmt = fp8_input(*linears)
+    if fmt is None:
+        outs = [m(x) for m in mods]
+    else:
+        from dsq.kernels import act_quant, fp8_gemm_q
 
-    xq, xs = act_quant(x.reshape(-1, x.shape[-1]), fmt.act_group)
-    return [fp8_gemm_q(xq, xs, m.weight, m.weight_scale, x.dtype).view(*x.shape[:-1], -1) for m in linears]
+        q, scale = xq if xq is not None else act_quant(x.reshape(-1, x.shape[-1]), fmt.act_group)
+        outs = [fp8_gemm_q(q, scale, m.weight, m.weight_scale, x.dtype).view(*x.shape[:-1], -1) for m in mods]
+    return list(outs[0].split([m.out_features for m in linears], dim=-1)) if parts == linears else outs
 
 
-def swiglu(x: torch.Tensor, gate: Linear, up: Linear, down: Linear) -> torch.Tensor:
-    """down(silu(gate x) * up x), the dense layers' and shared experts' MLP. With FP8 weights on the Triton
-    backend silu * up is one kernel that also quantizes the product for down's GEMM."""
-    g, u = project(x, gate, up)
-    if not (isinstance(down.fmt, FP8Channel) and down.backend == "triton"):
+def swiglu(x: torch.Tensor, gate: Linear, up: Linear, down: Linear,
+           xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """down(silu(gate x) * up x), the dense layers' and shared experts' MLP (`xq` as for `project`). With FP8
+    weights on the Triton backend silu * up is one kernel that also quantizes the product for down's GEMM."""
+    g, u = project(x, gate, up, xq=xq)
+    if fp8_input(down) is None:
         return down(F.silu(g) * u)
     from dsq.kernels import fp8_gemm_q, silu_mul_quant
 
@@ -170,11 +181,15 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
-    def add(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + residual, its norm), x itself without a residual: one kernel on the Triton backend."""
+    def add(self, x: torch.Tensor, residual: torch.Tensor | None, quant: FP8Channel | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """(x + residual, its norm, the norm's FP8 quantization for linear modules in `quant`'s format, or None),
+        x itself without a residual: one kernel on the Triton backend."""
         if self.backend == "triton":
             from dsq.kernels import add_rms_norm
 
-            return add_rms_norm(x, self.weight, self.eps, residual)[:2]
+            n = add_rms_norm(x, self.weight, self.eps, residual, quant=quant is not None,
+                             group=quant.act_group if quant else None)
+            return n.x, n.out, None if quant is None else (n.q, n.scale)
         x = x if residual is None else x + residual
-        return x, self(x)
+        return x, self(x), None

@@ -17,7 +17,7 @@ from torch.nn.attention.bias import causal_lower_right
 from dsq.cache import Attention, LatentCache
 from dsq.config import Config
 from dsq.formats import Scheme
-from dsq.layers import Build, RMSNorm, join, project, swiglu
+from dsq.layers import Build, RMSNorm, fp8_input, join, project, swiglu
 from dsq.parallel import Dist
 from dsq.rope import apply_rope, rope_frequencies
 
@@ -61,16 +61,19 @@ class MLA(nn.Module):
         self.w_uk.copy_(uk)
         self.w_uv.copy_(uv)
 
+    def inputs(self) -> tuple[nn.Module, ...]:
+        """The projections of x: one GEMM once joined."""
+        return (getattr(self, "q_a_proj", None) or self.q_proj, self.kv_a_proj_with_mqa)
+
     def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                attn: Attention, layer: int) -> torch.Tensor:
-        """x [N, D]: the step's new tokens, flattened over its sequences, at positions pos [N]."""
+                attn: Attention, layer: int, xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x [N, D]: the step's new tokens, flattened over its sequences, at positions pos [N] (xq: x in FP8,
+        dsq.layers.project)."""
         n = x.shape[0]
         nope, rope_dim = self.qk_nope_head_dim, self.qk_rope_head_dim
-        if hasattr(self, "q_a_proj"):  # the two projections of x share one activation quantization
-            q_a, kv_a = project(x, self.q_a_proj, self.kv_a_proj_with_mqa)
-            q = self.q_b_proj(self.q_a_layernorm(q_a))
-        else:
-            q, kv_a = project(x, self.q_proj, self.kv_a_proj_with_mqa)
+        q, kv_a = project(x, *self.inputs(), xq=xq)
+        if hasattr(self, "q_a_proj"):
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q_nope, q_pe = q.view(n, self.n_heads, nope + rope_dim).split([nope, rope_dim], dim=-1)
         cos, sin = rope
         q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])
@@ -152,8 +155,11 @@ class MLP(nn.Module):
         self.up_proj = build.linear(f"{name}.up_proj", dim, inter)
         self.down_proj = build.linear(f"{name}.down_proj", inter, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj)
+    def inputs(self) -> tuple[nn.Module, ...]:
+        return self.gate_proj, self.up_proj
+
+    def forward(self, x: torch.Tensor, xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        return swiglu(x, self.gate_proj, self.up_proj, self.down_proj, xq)
 
 
 class MoE(nn.Module):
@@ -170,12 +176,17 @@ class MoE(nn.Module):
         self.shared_experts = MLP(build, f"{name}.shared_experts", d, shared) if cfg.n_shared_experts else None
         self.all_here = self.hi - self.lo == cfg.n_routed_experts
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def inputs(self) -> tuple[nn.Module, ...]:
+        """The projections of x that may take it in FP8: the shared experts' (the router and the routed
+        experts read it unquantized)."""
+        return self.shared_experts.inputs() if self.shared_experts is not None else ()
+
+    def forward(self, x: torch.Tensor, xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weight, idx = self.gate(flat)
         y = self.experts(flat, idx, weight) if self.all_here else self._local(flat, weight, idx)
         y = y.view_as(x)
-        return y + self.shared_experts(x) if self.shared_experts is not None else y
+        return y + self.shared_experts(x, xq) if self.shared_experts is not None else y
 
     def _local(self, flat: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The contributions of this rank's experts only: each (token, slot) routed here is run as a token
@@ -202,14 +213,16 @@ class Block(nn.Module):
         dense = dist.shard.dense[1] - dist.shard.dense[0]
         self.mlp = (MoE(cfg, build, dist, f"{name}.mlp") if cfg.is_moe(layer)
                     else MLP(build, f"{name}.mlp", cfg.hidden_size, dense))
+        # the norms quantize their output once for the FP8 projections that read it
+        self.attn_fp8, self.mlp_fp8 = fp8_input(*self.self_attn.inputs()), fp8_input(*self.mlp.inputs())
 
     def forward(self, x: torch.Tensor, mlp_out: torch.Tensor | None, pos: torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor], attn: Attention) -> tuple[torch.Tensor, torch.Tensor]:
         """(residual stream, MLP output) of the previous block -> those of this one."""
-        x, h = self.input_layernorm.add(x, mlp_out)
-        x, h = self.post_attention_layernorm.add(x, self.dist.all_reduce(
-            self.self_attn(h, pos, rope, attn, self.layer)))
-        return x, self.dist.all_reduce(self.mlp(h))
+        x, h, hq = self.input_layernorm.add(x, mlp_out, self.attn_fp8)
+        x, h, hq = self.post_attention_layernorm.add(x, self.dist.all_reduce(
+            self.self_attn(h, pos, rope, attn, self.layer, hq)), self.mlp_fp8)
+        return x, self.dist.all_reduce(self.mlp(h, hq))
 
 
 class Embedding(nn.Module):
@@ -267,10 +280,9 @@ class Transformer(nn.Module):
         of one input joined into one weight (dsq.layers.join)."""
         for layer in self.model.layers:
             layer.self_attn.prepare()
-            a, mlp = layer.self_attn, getattr(layer.mlp, "shared_experts", layer.mlp)
-            join(a.q_a_proj if hasattr(a, "q_a_proj") else a.q_proj, a.kv_a_proj_with_mqa)
-            if mlp is not None:
-                join(mlp.gate_proj, mlp.up_proj)
+            for inputs in (layer.self_attn.inputs(), layer.mlp.inputs()):
+                if inputs:
+                    join(*inputs)
 
     def new_cache(self, num_pages: int, page_size: int = 64) -> LatentCache:
         """Page pools for every layer, in this model's kv_cache_dtype, on its device."""
