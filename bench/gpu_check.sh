@@ -26,7 +26,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/bench-out}"
 mkdir -p "$OUT"
 DEADLINE=$((SECONDS + ${GPU_CHECK_SECONDS:-460}))
-STEPS=("${@:-pytest e2e kernels mla serve quantize}")
+STEPS=("${@:-pytest e2e serve kernels mla quantize}")
 STEPS=(${STEPS[*]})
 STATUS=()
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
@@ -62,9 +62,6 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 wanted pytest && step pytest 150 python -m pytest -m gpu --maxfail=20 -q -p no:cacheprovider tests/
 wanted e2e && step e2e 150 python bench/e2e.py --out "$OUT"
-wanted kernels && step kernels 210 python bench/kernels.py --out "$OUT" --budget 140
-wanted sweep && step sweep 240 python bench/kernels.py --sweep --out "$OUT" --budget 180
-wanted mla && step mla 120 python bench/mla.py --out "$OUT"
 if wanted serve && python -c "import fastapi, uvicorn, openai" 2>/dev/null; then
     step serve 150 python bench/serve.py --preset deepseek-v2-lite --layers 4 --device cuda --clients 32 --new 64 \
         --out "$OUT"
@@ -72,6 +69,9 @@ elif wanted serve; then
     echo "== serve: skipped, no fastapi/uvicorn/openai (run bench/wheels.sh here and carry .whl)"
     STATUS+=("serve: skipped (no server wheels)")
 fi
+wanted kernels && step kernels 210 python bench/kernels.py --out "$OUT" --budget 140
+wanted sweep && step sweep 240 python bench/kernels.py --sweep --out "$OUT" --budget 180
+wanted mla && step mla 120 python bench/mla.py --out "$OUT"
 wanted quantize && step quantize 120 python bench/quantize.py --out "$OUT"
 wanted v2 && step v2 300 python bench/e2e.py --model deepseek-v2 --quick --out "$OUT"
 
