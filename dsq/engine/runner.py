@@ -70,8 +70,9 @@ class ModelRunner:
         device = self.net.inv_freq.device
         attn = Attention.build(self.cache, [(s.start, s.length, s.context, s.pages) for s in batch.seqs],
                                batch.slots, device)
-        rows = torch.tensor([s.start + s.length - 1 for s in batch.seqs if s.logits], dtype=torch.long, device=device)
         as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)
+        rows = [s.start + s.length - 1 for s in batch.seqs if s.logits]
+        rows = None if rows == list(range(len(batch.tokens))) else as_long(rows)  # None: every row (decodes)
         return self.net(as_long(batch.tokens), as_long(batch.positions), attn, rows)
 
 
