@@ -8,8 +8,9 @@ TRITON_INTERPRET=1 (how CI checks them against the plain-torch references in dsq
 from .act_quant import act_quant, silu_mul_quant
 from .common import GemmConfig
 from .fp8_gemm import fp8_gemm, fp8_gemm_q
-from .fused_moe import fused_moe, fused_moe_ref, moe_align
+from .fused_moe import fused_moe, fused_moe_ref
 from .int4_gemm import int4_gemm
+from .moe_align import moe_align, moe_align_ref
 from .norm import add_rms_norm
 from .router import route
 
@@ -23,6 +24,7 @@ __all__ = [
     "fused_moe_ref",
     "int4_gemm",
     "moe_align",
+    "moe_align_ref",
     "route",
     "silu_mul_quant",
 ]

@@ -38,6 +38,7 @@ from .act_quant import act_quant, group_scales, quantize_tile, token_scales
 from .common import cast_out, dot_dtype, splitk_reduce
 from .fp8_gemm import fp8_dot_step
 from .int4_gemm import int4_dot_step, int4_step
+from .moe_align import moe_align
 
 DECODE_MAX_TOKENS = 8  # up to here one pair per block beats sorting (a guess until measured)
 
@@ -162,30 +163,6 @@ def _experts(d: dict[str, torch.Tensor], e: int, n: int, k: int) -> _Experts:
     if z is not None:
         assert z.dtype == torch.int32 and z.shape == (e, (n + 7) // 8, s.shape[2]) and z.is_contiguous()
     return _Experts(False, w, s, z, group, False)
-
-
-def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort (token, slot) pairs by expert, each expert's run padded to a multiple of block_m.
-
-    Returns pair_ids int32 [max_blocks * block_m] (flat pair index m * k + j; padding = M * k) and
-    expert_ids int32 [max_blocks] (-1 past the used blocks). max_blocks depends only on the shapes: at most
-    min(E, M * k) experts are non-empty and each wastes at most block_m - 1 slots."""
-    flat = topk_ids.flatten().long()
-    t = flat.numel()
-    max_blocks = triton.cdiv(t + min(num_experts, t) * (block_m - 1), block_m)
-    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    blocks = (counts + block_m - 1) // block_m
-    block_end = blocks.cumsum(0)
-    slot_start = (block_end - blocks) * block_m  # first padded slot of each expert
-    order = torch.argsort(flat, stable=True)
-    sorted_e = flat[order]
-    rank = torch.arange(t, device=flat.device) - (counts.cumsum(0) - counts)[sorted_e]
-    pair_ids = torch.full((max_blocks * block_m,), t, dtype=torch.int32, device=flat.device)
-    pair_ids.scatter_(0, slot_start[sorted_e] + rank, order.to(torch.int32))
-    expert_ids = torch.searchsorted(block_end, torch.arange(max_blocks, device=flat.device), right=True)
-    expert_ids = torch.where(expert_ids < num_experts, expert_ids, -1).to(torch.int32)
-    return pair_ids, expert_ids
 
 
 def _launch(

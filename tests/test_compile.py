@@ -34,7 +34,7 @@ CONTEXTS = (32, 4096, 32768)  # cache lengths: one 32-token tile (1 KV split), a
 
 KERNELS = {"_act_quant_kernel", "_fp8_gemm_kernel", "_int4_gemm_kernel", "_splitk_reduce_kernel", "_moe_kernel",
            "_cache_write_kernel", "_decode_kernel", "_reduce_kernel", "_add_rms_norm_kernel", "_router_kernel",
-           "_silu_mul_quant_kernel"}
+           "_silu_mul_quant_kernel", "_moe_align_kernel"}
 
 
 def launch_all() -> None:
@@ -77,6 +77,9 @@ def launch_all() -> None:
         ws = [_experts(fmt, n, k) for n, k in ((MOE, HIDDEN), (HIDDEN, MOE), (MOE, HIDDEN))]
         ids = torch.randint(0, EXPERTS, (m, TOP_K), generator=torch.Generator().manual_seed(m))
         fm.fused_moe(x(m, HIDDEN), ids, torch.empty(m, TOP_K), *ws)
+    # the grouped path's sort at V2's 160 experts too (V2-Lite's 64 are launched by fused_moe above)
+    for m, bm in itertools.product(PREFILL_M, (16, 32, 64)):
+        kernel("moe_align").moe_align(torch.zeros(m, TOP_K, dtype=torch.long), 160, bm)
     # the latent cache: write (kv_a of one token or a prefill chunk), then absorbed decode (fp32 latent
     # queries, bf16 rope queries) over a block table sized for the cache length
     for kind in ("fp8", "bf16"):

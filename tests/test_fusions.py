@@ -1,5 +1,6 @@
-"""Fusions of the decode step: projections of one input joined into one GEMM (dsq.layers.join / project), and
-SwiGLU's silu(gate) * up fused with the FP8 quantization its down_proj reads (kernels.act_quant.silu_mul_quant).
+"""Fusions of the decode step: projections of one input joined into one GEMM (dsq.layers.join / project),
+SwiGLU's silu(gate) * up fused with the FP8 quantization its down_proj reads (kernels.act_quant.silu_mul_quant),
+and the fused MoE's sort of pairs by expert in one launch (kernels/moe_align.py).
 
 Kernels run through Triton's interpreter on CPU (conftest sets TRITON_INTERPRET=1); the sm_90 compile of their
 real launches is tests/test_compile.py's."""
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dsq.formats import BF16, FP8Block, FP8Channel, Int4Group
-from dsq.kernels import silu_mul_quant
+from dsq.kernels import moe_align, moe_align_ref, silu_mul_quant
 from dsq.layers import Linear, join, project, swiglu
 from dsq.quant import FP8, fp8_quantize_act
 
@@ -144,3 +145,22 @@ def test_swiglu_fused_equals_the_torch_path(fmt) -> None:
     bound = 2 * inter * U * mag + step @ w.t() + 2.0**-8 * expect.float().abs()
     assert got.shape == expect.shape and got.dtype == torch.bfloat16
     assert ((got.float() - expect.float()).abs() <= bound).all()
+
+
+@interp
+@pytest.mark.parametrize(("m", "k", "e", "bm"), [(1, 6, 64, 16), (7, 2, 4, 16), (50, 3, 6, 16), (9, 2, 3, 32),
+                                                 (64, 6, 64, 16), (700, 6, 160, 64)])
+@pytest.mark.parametrize("skew", [False, True])
+def test_moe_align_kernel_equals_the_torch_sort(m: int, k: int, e: int, bm: int, skew: bool) -> None:
+    """The one-program sort against the torch ops (stable argsort, scatters, searchsorted), element for element:
+    the same pairs in the same order in the same blocks, the same padding. Skewed: most pairs on a few experts,
+    several blocks each (700 x 6 pairs: chunks of the kernel carry each expert's count across them)."""
+    g = torch.Generator().manual_seed(m * e + skew)
+    if skew:
+        ids = torch.multinomial(torch.logspace(0, -4, e), m * k, replacement=True, generator=g).view(m, k)
+    else:
+        ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(m)])
+    pair_ids, expert_ids = moe_align(ids.contiguous(), e, bm)
+    ref_pairs, ref_experts = moe_align_ref(ids, e, bm)
+    assert torch.equal(pair_ids, ref_pairs)
+    assert torch.equal(expert_ids, ref_experts)
