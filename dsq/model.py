@@ -124,13 +124,12 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight.float())
-        if self.backend == "triton":
+        if self.backend == "triton":  # the logits too, in the kernel at decode sizes
             from dsq.kernels import route
 
-            return route(logits, self.k, self.groups if self.group_limited else 1, self.topk_groups, self.norm,
-                         self.scale)
-        scores = logits.softmax(dim=-1)
+            return route(x, self.weight, self.k, self.groups if self.group_limited else 1, self.topk_groups,
+                         self.norm, self.scale)
+        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
         if self.group_limited:
             n = scores.shape[0]
             best = scores.view(n, self.groups, -1).amax(dim=-1).topk(self.topk_groups, dim=-1).indices

@@ -51,9 +51,9 @@ def launch_all() -> None:
     for k, m, (quant, group), add in itertools.product((HIDDEN, KV_LORA, 1536, 5120), (1, 64, 4096), quants,
                                                         (True, False)):
         nm.add_rms_norm(x(m, k), torch.empty(k, dtype=bf16), 1e-6, x(m, k) if add else None, quant=quant, group=group)
-    for m in (1, 64, 4096):
-        rt.route(torch.empty(m, EXPERTS), TOP_K)
-        rt.route(torch.empty(m, 160), TOP_K, groups=8, topk_groups=3, scale=16.0)
+    for m in (1, 64, 4096):  # logits in the kernel (decode sizes) or read from a torch GEMM's (prefill)
+        rt.route(x(m, HIDDEN), torch.empty(EXPERTS, HIDDEN), TOP_K)
+        rt.route(x(m, 5120), torch.empty(160, 5120), TOP_K, groups=8, topk_groups=3, scale=16.0)
     # FP8 linears (attention, shared experts, the dense MLP), channel or 128x128 block scales
     fp8_linears = [(HEADS * (NOPE + ROPE), HIDDEN), (KV_LORA + ROPE, HIDDEN), (HEADS * (NOPE + V_DIM), KV_LORA),
                    (HIDDEN, HEADS * V_DIM), (SHARED * MOE, HIDDEN), (HIDDEN, SHARED * MOE), (DENSE, HIDDEN),
