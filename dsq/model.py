@@ -173,9 +173,11 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weight, idx = self.gate(flat)
-        y = self.experts(flat, idx, weight) if self.all_here else self._local(flat, weight, idx)
-        y = y.view_as(x)
-        return y + self.shared_experts(x) if self.shared_experts is not None else y
+        shared = self.shared_experts(flat) if self.shared_experts is not None else None
+        if self.all_here:  # the shared output is added in the routed experts' last launch
+            return self.experts(flat, idx, weight, shared).view_as(x)
+        y = self._local(flat, weight, idx)
+        return (y if shared is None else y + shared).view_as(x)
 
     def _local(self, flat: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The contributions of this rank's experts only: each (token, slot) routed here is run as a token

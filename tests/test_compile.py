@@ -69,7 +69,7 @@ def launch_all() -> None:
     for fmt, m in itertools.product(("int4", "int4-asym", "fp8", "fp8-block"), DECODE_M + PREFILL_M):
         ws = [_experts(fmt, n, k) for n, k in ((MOE, HIDDEN), (HIDDEN, MOE), (MOE, HIDDEN))]
         ids = torch.randint(0, EXPERTS, (m, TOP_K), generator=torch.Generator().manual_seed(m))
-        fm.fused_moe(x(m, HIDDEN), ids, torch.empty(m, TOP_K), *ws)
+        fm.fused_moe(x(m, HIDDEN), ids, torch.empty(m, TOP_K), *ws, add=x(m, HIDDEN))  # + the shared experts
     # the latent cache: write (kv_a of one token or a prefill chunk), then absorbed decode (fp32 latent
     # queries, bf16 rope queries) over a block table sized for the cache length
     for kind in ("fp8", "bf16"):

@@ -278,6 +278,25 @@ def test_fused_moe_bf16_io() -> None:
     _assert_moe_close(out, ref, "fp8", rel=2**-8)  # plus the bf16 rounding of the output
 
 
+@interp
+@pytest.mark.parametrize("m", [1, 21])  # decode path, grouped path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_moe_adds_the_shared_output(m: int, dtype: torch.dtype) -> None:
+    """add [M, H] joins the slot sum in fp32 before the one rounding, as fused_moe_ref adds it (an add left
+    out is |add|, O(1), off)."""
+    e, k, hidden, inter = 6, 3, 64, 64
+    w1, w3, w2 = (_experts(e, n, kk, "int4-g32", seed=s) for n, kk, s in
+                  ((inter, hidden, 1), (inter, hidden, 2), (hidden, inter, 3)))
+    g = torch.Generator().manual_seed(m)
+    x, add = (torch.randn(m, hidden, generator=g).to(dtype) for _ in range(2))
+    ids, tw = _routing(m, e, k, seed=m)
+    out = fused_moe(x, ids, tw, w1, w2, w3, add=add)
+    ref = fused_moe_ref(x, ids, tw, w1, w2, w3, add=add)
+    assert out.dtype == dtype
+    # fp32: as test_fused_moe; bf16: h rounded to bf16 in both, the output rounded once each (2^-8 relative)
+    _assert_moe_close(out, ref, "int4", rel=1e-5 if dtype == torch.float32 else 2**-8)
+
+
 @pytest.mark.parametrize(("m", "k", "e", "bm"), [(1, 6, 64, 16), (7, 2, 4, 16), (50, 3, 6, 16), (9, 2, 3, 32)])
 def test_moe_align(m: int, k: int, e: int, bm: int) -> None:
     ids, _ = _routing(m, e, k, seed=m, skew=m > 10)
