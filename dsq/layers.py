@@ -124,11 +124,14 @@ class Experts(nn.Module):
         self.up_proj = Linear(dim, inter, fmt, n_experts, dtype, backend)
         self.down_proj = Linear(inter, dim, fmt, n_experts, dtype, backend)
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
+                add: torch.Tensor | None = None) -> torch.Tensor:
+        """y [N, D], plus add [N, D] (the shared experts' output): in the fused kernel's last launch."""
         if self.fused:
             from dsq.kernels import fused_moe
 
-            return fused_moe(x, idx, weight, self.gate_proj.tensors(), self.down_proj.tensors(), self.up_proj.tensors())
+            return fused_moe(x, idx, weight, self.gate_proj.tensors(), self.down_proj.tensors(), self.up_proj.tensors(),
+                             add)
         n, k = idx.shape
         flat = idx.flatten()
         order = flat.argsort()  # (token, slot) pairs grouped by expert
@@ -141,7 +144,8 @@ class Experts(nn.Module):
                 xe = x[sel // k]
                 h[sel] = self.down_proj(F.silu(self.gate_proj(xe, e)) * self.up_proj(xe, e), e)
                 start += count
-        return (h.view(n, k, -1).float() * weight[..., None]).sum(dim=1).to(x.dtype)
+        y = (h.view(n, k, -1).float() * weight[..., None]).sum(dim=1).to(x.dtype)
+        return y if add is None else y + add
 
 
 class Build:

@@ -127,13 +127,12 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight.float())
-        if self.backend == "triton":
+        if self.backend == "triton":  # the logits too, in the kernel at decode sizes
             from dsq.kernels import route
 
-            return route(logits, self.k, self.groups if self.group_limited else 1, self.topk_groups, self.norm,
-                         self.scale)
-        scores = logits.softmax(dim=-1)
+            return route(x, self.weight, self.k, self.groups if self.group_limited else 1, self.topk_groups,
+                         self.norm, self.scale)
+        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
         if self.group_limited:
             n = scores.shape[0]
             best = scores.view(n, self.groups, -1).amax(dim=-1).topk(self.topk_groups, dim=-1).indices
@@ -184,9 +183,11 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weight, idx = self.gate(flat)
-        y = self.experts(flat, idx, weight) if self.all_here else self._local(flat, weight, idx)
-        y = y.view_as(x)
-        return y + self.shared_experts(x, xq) if self.shared_experts is not None else y
+        shared = self.shared_experts(flat, xq) if self.shared_experts is not None else None
+        if self.all_here:  # the shared output is added in the routed experts' last launch
+            return self.experts(flat, idx, weight, shared).view_as(x)
+        y = self._local(flat, weight, idx)
+        return (y if shared is None else y + shared).view_as(x)
 
     def _local(self, flat: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The contributions of this rank's experts only: each (token, slot) routed here is run as a token

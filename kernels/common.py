@@ -96,23 +96,28 @@ def pick_split_k(tiles: int, k_tiles: int, sms: int) -> int:
 
 
 @triton.jit
-def _splitk_reduce_kernel(ws_ptr, out_ptr, MN, SPLIT, BLOCK: tl.constexpr):
+def _splitk_reduce_kernel(ws_ptr, add_ptr, out_ptr, MN, SPLIT, ADD: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for _ in range(SPLIT):
         acc += tl.load(ws_ptr + offs, mask=mask, other=0.0)
         ws_ptr += MN
+    if ADD:
+        acc += tl.load(add_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, cast_out(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
-def splitk_reduce(ws: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fp32 partials [split, M, N] -> their sum [M, N] in dtype, in one launch (no zero-fill, no atomics:
-    deterministic)."""
+def splitk_reduce(ws: torch.Tensor, dtype: torch.dtype, add: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 partials [split, M, N] (+ add [M, N], in fp32 before the one rounding) -> their sum [M, N] in
+    dtype, in one launch (no zero-fill, no atomics: deterministic)."""
     split, m, n = ws.shape
+    assert add is None or (add.shape == (m, n) and add.is_contiguous()), None if add is None else add.shape
     out = torch.empty(m, n, dtype=dtype, device=ws.device)
     block = 1024
-    _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](ws, out, m * n, split, BLOCK=block, num_warps=4)
+    _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+        ws, ws if add is None else add, out, m * n, split, ADD=add is not None, BLOCK=block, num_warps=4
+    )
     return out
 
 

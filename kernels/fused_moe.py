@@ -9,7 +9,8 @@ Work unit: a block of BM (token, slot) "pairs" that all go to one expert, times 
    h[pair] = silu(gate) * up in x.dtype.
 2. down launch: h[pair] against the expert's down weights, times the pair's router weight, written fp32 in
    slot-major order y[j, m] so that
-3. the per-token sum over the k slots and the cast to x.dtype are one small launch (splitk_reduce).
+3. the per-token sum over the k slots, plus `add` (the shared experts' output) if given, and the cast to
+   x.dtype are one small launch (splitk_reduce): deterministic, and the caller's residual add is gone.
 FP8 experts quantize their activations (x, then h) per token or per 1x128 group like fp8_gemm: inside the
 kernel on the decode path, with act_quant (once per row) on the grouped path.
 
@@ -200,8 +201,10 @@ def fused_moe(
     w1: dict[str, torch.Tensor],
     w2: dict[str, torch.Tensor],
     w3: dict[str, torch.Tensor],
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Routed experts for x [M, H]: w1 gate [E, I, H], w3 up [E, I, H], w2 down [E, H, I] -> [M, H] in x.dtype.
+    """Routed experts for x [M, H]: w1 gate [E, I, H], w3 up [E, I, H], w2 down [E, H, I] -> [M, H] in x.dtype,
+    plus add [M, H] (summed in fp32 before the one rounding to x.dtype).
 
     Each dict holds compressed-tensors tensors stacked on a leading expert dim (format read from its keys)."""
     assert x.dim() == 2 and x.is_contiguous(), f"x must be contiguous 2-D, got {tuple(x.shape)}"
@@ -210,6 +213,7 @@ def fused_moe(
     assert topk_ids.dtype in (torch.int32, torch.int64), topk_ids.dtype
     assert topk_weights.shape == topk_ids.shape and topk_weights.dtype == torch.float32
     assert topk_weights.is_contiguous()
+    assert add is None or (add.shape == x.shape and add.is_contiguous()), None if add is None else add.shape
     top_k = topk_ids.shape[1]
     e, inter = (w1["weight"] if "weight" in w1 else w1["weight_packed"]).shape[:2]
     gate, up, down = _experts(w1, e, inter, hidden), _experts(w3, e, inter, hidden), _experts(w2, e, hidden, inter)
@@ -217,7 +221,7 @@ def fused_moe(
     assert (gate.zero is None) == (up.zero is None)
     pairs = m * top_k
     if pairs == 0:
-        return torch.zeros_like(x)
+        return torch.zeros_like(x) if add is None else add.to(x.dtype, copy=True)
     if m <= DECODE_MAX_TOKENS:
         bm = 16
         blocks = (topk_ids, topk_ids.view(-1), True)  # pair_ids unused; expert of block p = topk_ids.flat[p]
@@ -230,7 +234,7 @@ def fused_moe(
     _launch(x, h, gate, up, blocks, topk_weights, top_k, (1, 0), bm)
     y = torch.empty(top_k, m, hidden, dtype=torch.float32, device=x.device)  # slot-major: pair m*k+j -> [j, m]
     _launch(h, y, down, None, blocks, topk_weights, 1, (top_k, m), bm)
-    return splitk_reduce(y, x.dtype)  # the per-token sum over the k slots and the cast, one launch
+    return splitk_reduce(y, x.dtype, add)  # the per-token sum over the k slots, the add and the cast
 
 
 def _expert_linear(x: torch.Tensor, d: dict[str, torch.Tensor], e: int) -> torch.Tensor:
@@ -248,10 +252,13 @@ def fused_moe_ref(
     w1: dict[str, torch.Tensor],
     w2: dict[str, torch.Tensor],
     w3: dict[str, torch.Tensor],
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain-torch reference of fused_moe: a loop over experts in fp32 (h rounded to x.dtype like the
-    kernel's intermediate), cast to x.dtype at the end."""
+    kernel's intermediate), plus add, cast to x.dtype at the end."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    if add is not None:
+        out += add
     for e in range((w1["weight"] if "weight" in w1 else w1["weight_packed"]).shape[0]):
         tok, slot = (topk_ids == e).nonzero(as_tuple=True)
         if tok.numel() == 0:

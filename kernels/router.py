@@ -1,30 +1,53 @@
-"""The MoE router after its logits GEMM, one program per token: softmax over the experts in fp32, greedy or
+"""The MoE router, one program per token: the logits x @ W^T in fp32, softmax over the experts, greedy or
 group-limited top-k (DeepSeek-V2's `group_limited_greedy`: keep the `topk_groups` groups with the highest
 expert score, then pick among their experts), then normalise the k weights or scale them.
 
-This is dsq.model.Gate's maths in one launch instead of ~10 torch ops. Experts are chosen by their logits:
-the softmax is monotonic, so the choice is torch's, and it is made on exact inputs. Ties (equal logits, or
-equal group maxima) go to the lower expert (group) index, and the k slots come out in descending score, ties
-in ascending expert id. The ids are int64 and contiguous, as fused_moe takes them.
+This is dsq.model.Gate's maths in one launch instead of ~10 torch ops. The logits are fp32 sums of the
+products of x and W upcast to fp32, as Gate's F.linear(x.float(), W.float()), in another summation order.
+Up to FUSED_MAX_TOKENS tokens (every decode batch) each program computes its token's logits itself, one
+launch instead of three (casts and GEMM) ahead of it. Beyond, each program would re-read all of W (E x D,
+0.5 MB in fp32 for V2-Lite) from L2 for its one token, a wave per SM count of tokens, while a GEMM reads it
+once per tile: there a torch GEMM makes the logits and the kernel reads them (a prefill chunk's ~80 launches
+per layer dwarf its three). Untimed: one program streams W through one SM, 16K-element tiles to keep loads
+in flight; should that lose to the three launches (more likely for V2's 3.3 MB than V2-Lite's 0.5 MB),
+split W over programs with a last-program-reduces semaphore.
+
+Experts are chosen by their logits: the softmax is monotonic, so the choice is torch's on the same logits.
+Ties (equal logits, or equal group maxima) go to the lower expert (group) index, and the k slots come out in
+descending score, ties in ascending expert id. The ids are int64 and contiguous, as fused_moe takes them.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+FUSED_MAX_TOKENS = 64  # the largest decode batch bucket, under an H200's 132 SMs: one wave of programs
 
 
 @triton.jit
 def _router_kernel(
-    logits_ptr, weight_ptr, ids_ptr, E, stride_l, scale,
-    K: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr, NORM: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, gate_ptr, logits_ptr, weight_ptr, ids_ptr, E, D, stride_x, stride_g, stride_l, scale,
+    K: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUPS: tl.constexpr, NORM: tl.constexpr, FUSED: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """FUSED: logits of token t = x[t] @ gate^T, D in steps of BLOCK_D; else read from logits_ptr."""
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     valid = offs < E
-    logit = tl.load(logits_ptr + t * stride_l + offs, mask=valid, other=float("-inf"))
+    if FUSED:
+        acc = tl.zeros([BLOCK_E, BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            x = tl.load(x_ptr + t * stride_x + d, mask=d < D, other=0.0).to(tl.float32)
+            w = tl.load(gate_ptr + offs[:, None] * stride_g + d[None, :], mask=valid[:, None] & (d[None, :] < D),
+                        other=0.0)
+            acc += w.to(tl.float32) * x[None, :]
+        logit = tl.where(valid, tl.sum(acc, axis=1), float("-inf"))
+    else:
+        logit = tl.load(logits_ptr + t * stride_l + offs, mask=valid, other=float("-inf"))
     e = tl.where(valid, tl.exp(logit - tl.max(logit, axis=0)), 0.0)
     score = e / tl.sum(e, axis=0)
     if GROUPS > 1:  # keep the TOPK_GROUPS groups with the highest expert logit
@@ -56,22 +79,33 @@ def _router_kernel(
 
 
 def route(
-    logits: torch.Tensor, k: int, groups: int = 1, topk_groups: int = 1, norm: bool = False, scale: float = 1.0
+    x: torch.Tensor, gate: torch.Tensor, k: int, groups: int = 1, topk_groups: int = 1, norm: bool = False,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [T, E] (fp32) -> (weights fp32 [T, k], expert ids int64 [T, k]), as dsq.model.Gate.
+    """Hidden states x [T, D] and the router weight [E, D] -> (weights fp32 [T, k], expert ids int64 [T, k]),
+    as dsq.model.Gate.
 
     groups > 1: group-limited (E // groups experts per group, the best `topk_groups` groups kept);
     norm: weights / their sum (when k > 1, as Gate does); else weights * scale."""
-    assert logits.dim() == 2 and logits.dtype == torch.float32 and logits.stride(1) == 1, (logits.dtype,)
-    t, e = logits.shape
+    assert x.dim() == 2 and x.stride(1) == 1 and x.dtype.is_floating_point, (tuple(x.shape), x.dtype)
+    assert gate.dim() == 2 and gate.shape[1] == x.shape[1] and gate.stride(1) == 1, tuple(gate.shape)
+    assert gate.dtype in (torch.float32, torch.bfloat16, torch.float16), gate.dtype
+    t, e = x.shape[0], gate.shape[0]
     assert 0 < k <= e and e % groups == 0 and 0 < topk_groups <= groups, (k, e, groups, topk_groups)
     assert k <= topk_groups * (e // groups), "top-k needs at least k experts in the kept groups"
-    weights = torch.empty(t, k, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(t, k, dtype=torch.int64, device=logits.device)
-    if t:
-        _router_kernel[(t,)](
-            logits, weights, ids, e, logits.stride(0), scale, K=k, GROUPS=groups, TOPK_GROUPS=topk_groups,
-            NORM=norm and k > 1, BLOCK_E=triton.next_power_of_2(e), BLOCK_G=triton.next_power_of_2(groups),
-            BLOCK_K=triton.next_power_of_2(k), num_warps=1 if e <= 64 else 2,
-        )
+    weights = torch.empty(t, k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(t, k, dtype=torch.int64, device=x.device)
+    if not t:
+        return weights, ids
+    fused = t <= FUSED_MAX_TOKENS
+    # the pointers a path does not read are placeholders (so that a profiler counts W read once)
+    logits = x if fused else F.linear(x.float(), gate.float())
+    x, gate = (x, gate) if fused else (logits, logits)
+    block_e = triton.next_power_of_2(e)
+    _router_kernel[(t,)](
+        x, gate, logits, weights, ids, e, x.shape[1], x.stride(0), gate.stride(0), logits.stride(0), scale,
+        K=k, GROUPS=groups, TOPK_GROUPS=topk_groups, NORM=norm and k > 1, FUSED=fused, BLOCK_E=block_e,
+        BLOCK_D=max(16, 16384 // block_e), BLOCK_G=triton.next_power_of_2(groups), BLOCK_K=triton.next_power_of_2(k),
+        num_warps=16 if fused else 1 if e <= 64 else 2,
+    )
     return weights, ids

@@ -52,9 +52,9 @@ def launch_all() -> None:
     for k, m, (quant, group), add in itertools.product((HIDDEN, KV_LORA, 1536, 5120), (1, 64, 4096), quants,
                                                         (True, False)):
         nm.add_rms_norm(x(m, k), torch.empty(k, dtype=bf16), 1e-6, x(m, k) if add else None, quant=quant, group=group)
-    for m in (1, 64, 4096):
-        rt.route(torch.empty(m, EXPERTS), TOP_K)
-        rt.route(torch.empty(m, 160), TOP_K, groups=8, topk_groups=3, scale=16.0)
+    for m in (1, 64, 4096):  # logits in the kernel (decode sizes) or read from a torch GEMM's (prefill)
+        rt.route(x(m, HIDDEN), torch.empty(EXPERTS, HIDDEN), TOP_K)
+        rt.route(x(m, 5120), torch.empty(160, 5120), TOP_K, groups=8, topk_groups=3, scale=16.0)
     # FP8 linears (attention, shared experts, the dense MLP), channel or 128x128 block scales; q_proj + kv_a and
     # gate + up as joined at load (dsq.layers.join)
     fp8_linears = [(HEADS * (NOPE + ROPE), HIDDEN), (KV_LORA + ROPE, HIDDEN), (HEADS * (NOPE + V_DIM), KV_LORA),
@@ -76,7 +76,7 @@ def launch_all() -> None:
     for fmt, m in itertools.product(("int4", "int4-asym", "fp8", "fp8-block"), DECODE_M + PREFILL_M):
         ws = [_experts(fmt, n, k) for n, k in ((MOE, HIDDEN), (HIDDEN, MOE), (MOE, HIDDEN))]
         ids = torch.randint(0, EXPERTS, (m, TOP_K), generator=torch.Generator().manual_seed(m))
-        fm.fused_moe(x(m, HIDDEN), ids, torch.empty(m, TOP_K), *ws)
+        fm.fused_moe(x(m, HIDDEN), ids, torch.empty(m, TOP_K), *ws, add=x(m, HIDDEN))  # + the shared experts
     # the grouped path's sort at V2's 160 experts too (V2-Lite's 64 are launched by fused_moe above)
     for m, bm in itertools.product(PREFILL_M, (16, 32, 64)):
         kernel("moe_align").moe_align(torch.zeros(m, TOP_K, dtype=torch.long), 160, bm)

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dsq.kernels import (
     act_quant,
@@ -43,6 +44,7 @@ from dsq.quant import (
 )
 
 fused_moe_mod = importlib.import_module("dsq.kernels.fused_moe")  # the package attribute is the function
+router_mod = importlib.import_module("dsq.kernels.router")
 CUDA = torch.cuda.is_available()
 interp = pytest.mark.skipif(CUDA, reason="interpreter test (fp32 bounds); the gpu tests cover CUDA")
 gpu = pytest.mark.gpu
@@ -276,6 +278,25 @@ def test_fused_moe_bf16_io() -> None:
     _assert_moe_close(out, ref, "fp8", rel=2**-8)  # plus the bf16 rounding of the output
 
 
+@interp
+@pytest.mark.parametrize("m", [1, 21])  # decode path, grouped path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_moe_adds_the_shared_output(m: int, dtype: torch.dtype) -> None:
+    """add [M, H] joins the slot sum in fp32 before the one rounding, as fused_moe_ref adds it (an add left
+    out is |add|, O(1), off)."""
+    e, k, hidden, inter = 6, 3, 64, 64
+    w1, w3, w2 = (_experts(e, n, kk, "int4-g32", seed=s) for n, kk, s in
+                  ((inter, hidden, 1), (inter, hidden, 2), (hidden, inter, 3)))
+    g = torch.Generator().manual_seed(m)
+    x, add = (torch.randn(m, hidden, generator=g).to(dtype) for _ in range(2))
+    ids, tw = _routing(m, e, k, seed=m)
+    out = fused_moe(x, ids, tw, w1, w2, w3, add=add)
+    ref = fused_moe_ref(x, ids, tw, w1, w2, w3, add=add)
+    assert out.dtype == dtype
+    # fp32: as test_fused_moe; bf16: h rounded to bf16 in both, the output rounded once each (2^-8 relative)
+    _assert_moe_close(out, ref, "int4", rel=1e-5 if dtype == torch.float32 else 2**-8)
+
+
 @pytest.mark.parametrize(("m", "k", "e", "bm"), [(1, 6, 64, 16), (7, 2, 4, 16), (50, 3, 6, 16), (9, 2, 3, 32)])
 def test_moe_align(m: int, k: int, e: int, bm: int) -> None:
     ids, _ = _routing(m, e, k, seed=m, skew=m > 10)
@@ -441,39 +462,71 @@ def _gate(name: str, hidden: int, backend: str) -> Gate:
 @interp
 @pytest.mark.parametrize("m", [1, 3, 17, 64])
 @pytest.mark.parametrize("name", list(GATES))
-def test_router_equals_gate(m: int, name: str) -> None:
-    """Random logits (ties have probability ~0): the torch Gate's experts, and its weights to within rounding."""
+@pytest.mark.parametrize("fused", [True, False])  # logits in the kernel (decode sizes) or by a torch GEMM
+def test_router_equals_gate(m: int, name: str, fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 hidden states, fp32 router weight (as the model holds them): the torch Gate's experts except on
+    near-ties of its logits, and its weights to within rounding."""
+    monkeypatch.setattr(router_mod, "FUSED_MAX_TOKENS", 64 if fused else 0)
     hidden = 96
     g = torch.Generator().manual_seed(m)
     ref_gate, gate = _gate(name, hidden, "torch"), _gate(name, hidden, "triton")
     ref_gate.weight.copy_(torch.randn(ref_gate.weight.shape, generator=g))
     gate.weight.copy_(ref_gate.weight)
-    x = torch.randn(m, hidden, generator=g)
+    x = torch.randn(m, hidden, generator=g).to(torch.bfloat16)
     w_ref, id_ref = ref_gate(x)
     w, ids = gate(x)
     assert ids.dtype == torch.int64 and ids.is_contiguous() and w.dtype == torch.float32
+    assert (w[:, :-1] >= w[:, 1:]).all()  # descending weights (the documented slot order)
+    # the logits: fp32 sums of the same D products in two orders, |l - l_ref| <= 2 gamma_D (|x| @ |W|^T)
+    # (Higham 2002, eq. 3.5), at most delta per row; the choice differs only where that could reorder them
+    logits = F.linear(x.float(), ref_gate.weight)
+    delta = 2 * hidden * U * (x.float().abs() @ ref_gate.weight.abs().t()).amax(-1, keepdim=True)
+    masked = logits
+    if ref_gate.group_limited:
+        best = logits.view(m, ref_gate.groups, -1).amax(-1).sort(-1, descending=True).values
+        near_group = best[:, ref_gate.topk_groups - 1] - best[:, ref_gate.topk_groups] <= 2 * delta[:, 0]
+        chosen = best[:, ref_gate.topk_groups - 1, None]
+        masked = logits.view(m, ref_gate.groups, -1)
+        masked = masked.masked_fill(masked.amax(-1, keepdim=True) < chosen[..., None], -torch.inf).view(m, -1)
+    else:
+        near_group = torch.zeros(m, dtype=torch.bool)
+    top = masked.topk(ref_gate.k + 1, dim=-1).values
+    near = near_group | (top[:, -2] - top[:, -1] <= 2 * delta[:, 0])
     order, order_ref = ids.argsort(dim=-1), id_ref.argsort(dim=-1)  # torch's top-k slots are unordered
-    assert torch.equal(ids.gather(1, order), id_ref.gather(1, order_ref))
-    # descending weights (the documented slot order)
-    assert (w[:, :-1] >= w[:, 1:]).all()
-    # bound: a softmax score is exp / (sum of E exps): each exp within 1 ulp (2u of each other), the sums in two
-    # orders 2(E - 1)u apart, the division u each side; normalising adds 2(k - 1)u + 2u and doubles the score
-    # error (numerator and denominator); scaling adds 2u
+    same = (ids.gather(1, order) == id_ref.gather(1, order_ref)).all(-1)
+    assert (same | near).all(), f"rows {(~same & ~near).nonzero().flatten().tolist()} chose other experts"
+    # the weights: a softmax of logits delta apart is within e^(2 delta) - 1 relative (numerator and
+    # denominator each within e^delta), as is the k weights' renormalisation (a softmax over the k). Rounding:
+    # each exp within 1 ulp (2u of each other), the sums in two orders 2(E - 1)u apart, the division u each
+    # side; normalising adds 2(k - 1)u + 2u and doubles the score error; scaling adds 2u
     e, k = GATES[name][:2]
-    rel = (2 * (2 * e + 2) + 2 * k + 2) * U
-    w_sorted, w_ref_sorted = w.gather(1, order), w_ref.gather(1, order_ref)
-    assert ((w_sorted - w_ref_sorted).abs() <= rel * w_ref_sorted.abs()).all()
+    rel = (2 * (2 * e + 2) + 2 * k + 2) * U + torch.expm1(2 * delta)
+    w_sorted, w_ref_sorted = w.gather(1, order)[same], w_ref.gather(1, order_ref)[same]
+    assert ((w_sorted - w_ref_sorted).abs() <= rel[same] * w_ref_sorted.abs()).all()
+
+
+@interp
+def test_router_reads_a_bf16_weight() -> None:
+    """A bf16 router weight is upcast exactly: the same products, so the fp32 weight's result to the bit
+    (both run the kernel's summation order)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 80, generator=g).to(torch.bfloat16)
+    weight = torch.randn(20, 80, generator=g).to(torch.bfloat16)
+    w, ids = route(x, weight, 3, groups=4, topk_groups=2)
+    w32, ids32 = route(x, weight.float(), 3, groups=4, topk_groups=2)
+    assert torch.equal(ids, ids32) and torch.equal(w, w32)
 
 
 @interp
 def test_router_ties_go_to_the_lower_index() -> None:
     """Equal logits: the lower expert id wins and the slots list ties by ascending id; equal group maxima: the
     lower group is kept."""
+    eye = torch.eye(8)  # x @ I: the logits are x exactly
     logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 2.0, -1.0, 0.5, 2.0]])
-    w, ids = route(logits, 3)
+    w, ids = route(logits, eye, 3)
     assert ids.tolist() == [[1, 3, 4]]
     assert w[0, 0] == w[0, 1] == w[0, 2]  # equal logits, equal weights
     # 4 groups of 2; groups 0, 1, 2 tie at max 1.0, group 3 is lower: groups 0 and 1 are kept
     logits = torch.tensor([[1.0, 0.2, 0.9, 1.0, 1.0, 0.8, 0.0, -1.0]])
-    _, ids = route(logits, 3, groups=4, topk_groups=2)
+    _, ids = route(logits, eye, 3, groups=4, topk_groups=2)
     assert ids.tolist() == [[0, 3, 2]]
