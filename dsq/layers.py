@@ -147,6 +147,16 @@ class Experts(nn.Module):
         y = (h.view(n, k, -1).float() * weight[..., None]).sum(dim=1).to(x.dtype)
         return y if add is None else y + add
 
+    def partial(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, lo: int) -> torch.Tensor:
+        """The share of y of these experts when they are experts [lo, lo + n) of more (expert parallel): each
+        (token, slot) routed here runs as a token with one slot, added back to its token; the rest of the sum
+        is other ranks'."""
+        token, slot = ((idx >= lo) & (idx < lo + self.n_experts)).nonzero(as_tuple=True)
+        y = torch.zeros_like(x)
+        if len(token):
+            y.index_add_(0, token, self(x[token], idx[token, slot, None] - lo, weight[token, slot, None]))
+        return y
+
 
 class Build:
     """How the model's linear modules are made: each in the format `scheme` declares for its HF name, in

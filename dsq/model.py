@@ -168,16 +168,15 @@ class MoE(nn.Module):
     def __init__(self, cfg: Config, build: Build, dist: Dist, name: str):
         super().__init__()
         d = cfg.hidden_size
-        self.lo, self.hi = dist.shard.experts
+        self.lo, hi = dist.shard.experts
         self.gate = Gate(cfg, build.backend)  # replicated: every rank routes every token
-        self.experts = build.experts(f"{name}.experts", range(self.lo, self.hi), d, cfg.moe_intermediate_size)
+        self.experts = build.experts(f"{name}.experts", range(self.lo, hi), d, cfg.moe_intermediate_size)
         shared = dist.shard.shared[1] - dist.shard.shared[0]
         self.shared_experts = MLP(build, f"{name}.shared_experts", d, shared) if cfg.n_shared_experts else None
-        self.all_here = self.hi - self.lo == cfg.n_routed_experts
+        self.all_here = hi - self.lo == cfg.n_routed_experts
 
     def inputs(self) -> tuple[nn.Module, ...]:
-        """The projections of x that may take it in FP8: the shared experts' (the router and the routed
-        experts read it unquantized)."""
+        """The projections of x that may read it in FP8: the shared experts' (not the router, the experts)."""
         return self.shared_experts.inputs() if self.shared_experts is not None else ()
 
     def forward(self, x: torch.Tensor, xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -186,18 +185,8 @@ class MoE(nn.Module):
         shared = self.shared_experts(flat, xq) if self.shared_experts is not None else None
         if self.all_here:  # the shared output is added in the routed experts' last launch
             return self.experts(flat, idx, weight, shared).view_as(x)
-        y = self._local(flat, weight, idx)
+        y = self.experts.partial(flat, idx, weight, self.lo)
         return (y if shared is None else y + shared).view_as(x)
-
-    def _local(self, flat: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """The contributions of this rank's experts only: each (token, slot) routed here is run as a token
-        with one slot, and added back to its token; the rest of the sum lives on other ranks."""
-        token, slot = ((idx >= self.lo) & (idx < self.hi)).nonzero(as_tuple=True)
-        y = torch.zeros_like(flat)
-        if len(token):
-            pairs = self.experts(flat[token], idx[token, slot, None] - self.lo, weight[token, slot, None])
-            y.index_add_(0, token, pairs)
-        return y
 
 
 class Block(nn.Module):
