@@ -135,9 +135,12 @@ class Census(TorchDispatchMode):
         return out
 
     def activation(self, t: torch.Tensor) -> bool:
-        """A tensor laid out by token ([batch, tokens, ...] or [batch * tokens, ...]): an activation, not a
-        weight-sized temporary, however large."""
-        return t.dim() > 0 and (t.shape[0] == self.tokens or t.shape[:2] == (self.batch, self.tokens // self.batch))
+        """A tensor laid out by token ([batch, tokens, ...], [batch * tokens, ...], or one sequence's heads first
+        as attention lays them out, [heads, tokens, dim]): an activation, not a weight-sized temporary, however
+        large."""
+        per_seq = self.tokens // self.batch
+        return t.dim() > 0 and (t.shape[0] == self.tokens or t.shape[:2] == (self.batch, per_seq)
+                                or (t.dim() == 3 and t.shape[1] == per_seq > 1))
 
     def launch(self, fn, args, kwargs) -> None:
         t = self.tally()
