@@ -38,13 +38,13 @@ class MLA(nn.Module):
         q_out = self.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
         if cfg.q_lora_rank:
             self.q_a_proj = build.linear(f"{name}.q_a_proj", d, cfg.q_lora_rank)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, dtype, build.backend)
             self.q_b_proj = build.linear(f"{name}.q_b_proj", cfg.q_lora_rank, q_out)
         else:
             self.q_proj = build.linear(f"{name}.q_proj", d, q_out)
         # replicated: every rank caches the whole latent
         self.kv_a_proj_with_mqa = build.linear(f"{name}.kv_a_proj_with_mqa", d, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, dtype)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, dtype, build.backend)
         self.kv_b_proj = build.linear(f"{name}.kv_b_proj", cfg.kv_lora_rank,
                                       self.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
         # row-parallel: a partial sum over this rank's heads
@@ -72,8 +72,9 @@ class MLA(nn.Module):
         n = x.shape[0]
         nope, rope_dim = self.qk_nope_head_dim, self.qk_rope_head_dim
         q, kv_a = project(x, *self.inputs(), xq=xq)
-        if hasattr(self, "q_a_proj"):
-            q = self.q_b_proj(self.q_a_layernorm(q))
+        if hasattr(self, "q_a_proj"):  # the norm quantizes for q_b_proj too
+            _, q, qq = self.q_a_layernorm.add(q, None, fp8_input(self.q_b_proj))
+            q = project(q, self.q_b_proj, xq=qq)[0]
         q_nope, q_pe = q.view(n, self.n_heads, nope + rope_dim).split([nope, rope_dim], dim=-1)
         cos, sin = rope
         q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])
