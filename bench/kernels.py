@@ -12,6 +12,8 @@ its GEMM alone on pre-quantized activations against torch._scaled_mm (row-wise s
 GEMM (group 128, 64 where K needs it), bf16 cuBLAS (F.linear) and bitsandbytes NF4 where it imports.
 Fused MoE: V2-Lite and V2 routed experts (INT4 g128 and FP8) at batch 1 (decode path) and 64 (grouped path)
 against a bf16 torch loop over experts.
+Router: V2-Lite's and V2's, route with the logits in its kernel against route after a torch GEMM (its path
+above FUSED_MAX_TOKENS), at M in {1, 8, 64, 512}: the data to set that threshold, or to split the weight.
 
 --sweep runs only a tile sweep at M in {1, 16} (FP8 and INT4 configs against the heuristics' picks) and
 writes kernels_sweep.json / .md: the data to retune fp8_config and int4_config.
@@ -43,7 +45,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from dsq.kernels import GemmConfig, act_quant, fp8_gemm, fp8_gemm_q, fused_moe, int4_gemm
+from dsq.kernels import GemmConfig, act_quant, fp8_gemm, fp8_gemm_q, fused_moe, int4_gemm, route
+from dsq.kernels import router as router_mod
 from dsq.quant import fp8_quantize_weight, int4_quantize
 
 HBM = 4.8e12  # H200 HBM3e bytes/s
@@ -78,6 +81,7 @@ QUICK_SHAPES = {("V2-Lite", "q_proj"), ("V2-Lite", "dense down"), ("V2-Lite", "e
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192]
 QUICK_MS = [1, 16, 128, 2048]
 MOE = [("V2-Lite", 64, 6, 2048, 1408), ("V2", 160, 6, 5120, 1536)]  # model, experts, top-k, hidden, inter
+ROUTERS = [("V2-Lite", 64, 2048, 1, 1, 1.0), ("V2", 160, 5120, 8, 3, 16.0)]  # experts, hidden, groups, kept, scale
 
 
 # --- timing ---------------------------------------------------------------------------------------------
@@ -264,6 +268,26 @@ def bench_moe(model: str, e: int, top_k: int, hidden: int, inter: int, quick: bo
     return rows
 
 
+# --- router ---------------------------------------------------------------------------------------------
+def bench_router(model: str, e: int, hidden: int, groups: int, kept: int, scale: float) -> list[dict]:
+    """route at decode and prefill sizes, logits in the kernel ("fused") or by a torch GEMM first ("gemm");
+    the fp32 weight (as dsq.model.Gate holds it) rotated past L2."""
+    rows = []
+    ws = [torch.randn(e, hidden, device=DEV) for _ in range(copies(e * hidden * 4))]
+    fused_max = router_mod.FUSED_MAX_TOKENS
+    for m in (1, 8, 64, 512):
+        x = torch.randn(m, hidden, device=DEV).to(torch.bfloat16)
+        for variant, limit in (("fused", max(m, fused_max)), ("gemm", 0)):
+            router_mod.FUSED_MAX_TOKENS = limit
+            try:
+                sec = gpu_time([functools.partial(route, x, w, 6, groups, kept, False, scale) for w in ws])
+            finally:
+                router_mod.FUSED_MAX_TOKENS = fused_max
+            moved = e * hidden * 4 + m * hidden * 2
+            rows.append(dict(model=model, m=m, variant=variant, us=sec * 1e6, gbps=moved / sec / 1e9))
+    return rows
+
+
 # --- tile sweep (--sweep): data for retuning fp8_config / int4_config at decode sizes --------------------
 SWEEP_SHAPES = [("V2-Lite", "q_proj", 3072, 2048), ("V2-Lite", "dense down", 2048, 10944),
                 ("V2-Lite", "expert gate/up", 1408, 2048), ("V2", "q_b_proj", 24576, 1536)]
@@ -329,7 +353,7 @@ def _cell(r: dict | None, ref: dict | None = None, hbm: bool = False) -> str:
     return f"{r['us']:.1f} ({ref['us'] / r['us']:.2f}x{extra})"
 
 
-def markdown(meta: dict, gemm: list[dict], moe: list[dict]) -> str:
+def markdown(meta: dict, gemm: list[dict], moe: list[dict], router: list[dict]) -> str:
     lines = [f"# dsq kernel benchmark — {meta['gpu']}", "",
              f"{meta['date']}, commit {meta['commit']}, torch {meta['torch']}, triton {meta['triton']}; "
              f"HBM roofline {HBM / 1e12:.1f} TB/s; times are medians per call in us (CUDA graph, weights "
@@ -347,6 +371,10 @@ def markdown(meta: dict, gemm: list[dict], moe: list[dict]) -> str:
                      f"{_cell(g['fp8_block'], g['bf16'])} | {_cell(g['fp8_q'], g['scaled_mm'])} | "
                      f"{_cell(g['int4'], g['bf16'], hbm=True)} | {_cell(g['nf4'])} |")
     lines += ["", "## Targets (issue 4; reported, not asserted)", "", *targets(gemm)]
+    if router:
+        lines += ["", "## Router (fp32 weight; fused: logits in the kernel, gemm: torch GEMM, then the kernel)",
+                  "", "| model | M | variant | us | GB/s |", "|" + "---|" * 5]
+        lines += [f"| {r['model']} | {r['m']} | {r['variant']} | {r['us']:.1f} | {r['gbps']:.0f} |" for r in router]
     if moe:
         lines += ["", "## Fused MoE (routed experts only)", "",
                   "| model | weights | batch | variant | us | experts touched | GB/s | HBM % |", "|" + "---|" * 8]
@@ -420,10 +448,17 @@ def main() -> None:
         return
     moe: list[dict] = []
     gemm: list[dict] = []
+    router: list[dict] = []
 
     def save() -> None:
-        (args.out / "kernels.json").write_text(json.dumps(dict(meta=meta, gemm=gemm, moe=moe), indent=1))
-        (args.out / "kernels.md").write_text(markdown(meta, gemm, moe))
+        (args.out / "kernels.json").write_text(json.dumps(dict(meta=meta, gemm=gemm, moe=moe, router=router),
+                                                          indent=1))
+        (args.out / "kernels.md").write_text(markdown(meta, gemm, moe, router))
+
+    for spec in ROUTERS[:1] if args.quick else ROUTERS:
+        router += bench_router(*spec)
+        print(f"router {spec[0]} done at {time.time() - t0:.0f}s", flush=True)
+        save()
 
     for spec in MOE[:1] if args.quick else MOE:
         moe += bench_moe(*spec, quick=args.quick)

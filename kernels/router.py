@@ -90,7 +90,7 @@ def route(
     assert x.dim() == 2 and x.stride(1) == 1 and x.dtype.is_floating_point, (tuple(x.shape), x.dtype)
     assert gate.dim() == 2 and gate.shape[1] == x.shape[1] and gate.stride(1) == 1, tuple(gate.shape)
     assert gate.dtype in (torch.float32, torch.bfloat16, torch.float16), gate.dtype
-    t, e = x.shape[0], gate.shape[0]
+    (t, d), e = x.shape, gate.shape[0]
     assert 0 < k <= e and e % groups == 0 and 0 < topk_groups <= groups, (k, e, groups, topk_groups)
     assert k <= topk_groups * (e // groups), "top-k needs at least k experts in the kept groups"
     weights = torch.empty(t, k, dtype=torch.float32, device=x.device)
@@ -103,7 +103,7 @@ def route(
     x, gate = (x, gate) if fused else (logits, logits)
     block_e = triton.next_power_of_2(e)
     _router_kernel[(t,)](
-        x, gate, logits, weights, ids, e, x.shape[1], x.stride(0), gate.stride(0), logits.stride(0), scale,
+        x, gate, logits, weights, ids, e, d, x.stride(0), gate.stride(0), logits.stride(0), scale,
         K=k, GROUPS=groups, TOPK_GROUPS=topk_groups, NORM=norm and k > 1, FUSED=fused, BLOCK_E=block_e,
         BLOCK_D=max(16, 16384 // block_e), BLOCK_G=triton.next_power_of_2(groups), BLOCK_K=triton.next_power_of_2(k),
         num_warps=16 if fused else 1 if e <= 64 else 2,

@@ -367,10 +367,10 @@ def test_gpu_fused_moe_v2_lite(fmt: str, m: int) -> None:
     e, k, hidden, inter = 64, 6, 2048, 1408
     w1, w3 = _experts(e, inter, hidden, fmt, "cuda", 1), _experts(e, inter, hidden, fmt, "cuda", 2)
     w2 = _experts(e, hidden, inter, fmt, "cuda", 3)
-    x = torch.randn(m, hidden, device="cuda").to(torch.bfloat16)
+    x, add = (torch.randn(m, hidden, device="cuda").to(torch.bfloat16) for _ in range(2))  # add: shared experts'
     ids, tw = _routing(m, e, k, seed=m, device="cuda")
-    out = fused_moe(x, ids, tw, w1, w2, w3)
-    ref = fused_moe_ref(x, ids, tw, w1, w2, w3)
+    out = fused_moe(x, ids, tw, w1, w2, w3, add=add)
+    ref = fused_moe_ref(x, ids, tw, w1, w2, w3, add=add)
     _assert_moe_close(out, ref, "fp8", rel=2**-7)  # bf16 output; h elements a bf16 or fp8 step apart
 
 
@@ -459,39 +459,27 @@ def _gate(name: str, hidden: int, backend: str) -> Gate:
     return Gate(cfg, backend)
 
 
-@interp
-@pytest.mark.parametrize("m", [1, 3, 17, 64])
-@pytest.mark.parametrize("name", list(GATES))
-@pytest.mark.parametrize("fused", [True, False])  # logits in the kernel (decode sizes) or by a torch GEMM
-def test_router_equals_gate(m: int, name: str, fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """bf16 hidden states, fp32 router weight (as the model holds them): the torch Gate's experts except on
-    near-ties of its logits, and its weights to within rounding."""
-    monkeypatch.setattr(router_mod, "FUSED_MAX_TOKENS", 64 if fused else 0)
-    hidden = 96
-    g = torch.Generator().manual_seed(m)
-    ref_gate, gate = _gate(name, hidden, "torch"), _gate(name, hidden, "triton")
-    ref_gate.weight.copy_(torch.randn(ref_gate.weight.shape, generator=g))
-    gate.weight.copy_(ref_gate.weight)
-    x = torch.randn(m, hidden, generator=g).to(torch.bfloat16)
+def _assert_routes_like(gate: Gate, ref_gate: Gate, x: torch.Tensor) -> None:
+    """gate (triton) chooses ref_gate's (torch) experts except on near-ties of its logits, with its weights to
+    within rounding."""
     w_ref, id_ref = ref_gate(x)
     w, ids = gate(x)
     assert ids.dtype == torch.int64 and ids.is_contiguous() and w.dtype == torch.float32
     assert (w[:, :-1] >= w[:, 1:]).all()  # descending weights (the documented slot order)
     # the logits: fp32 sums of the same D products in two orders, |l - l_ref| <= 2 gamma_D (|x| @ |W|^T)
     # (Higham 2002, eq. 3.5), at most delta per row; the choice differs only where that could reorder them
-    logits = F.linear(x.float(), ref_gate.weight)
-    delta = 2 * hidden * U * (x.float().abs() @ ref_gate.weight.abs().t()).amax(-1, keepdim=True)
-    masked = logits
-    if ref_gate.group_limited:
-        best = logits.view(m, ref_gate.groups, -1).amax(-1).sort(-1, descending=True).values
-        near_group = best[:, ref_gate.topk_groups - 1] - best[:, ref_gate.topk_groups] <= 2 * delta[:, 0]
-        chosen = best[:, ref_gate.topk_groups - 1, None]
-        masked = logits.view(m, ref_gate.groups, -1)
-        masked = masked.masked_fill(masked.amax(-1, keepdim=True) < chosen[..., None], -torch.inf).view(m, -1)
-    else:
-        near_group = torch.zeros(m, dtype=torch.bool)
-    top = masked.topk(ref_gate.k + 1, dim=-1).values
-    near = near_group | (top[:, -2] - top[:, -1] <= 2 * delta[:, 0])
+    (m, d), weight = x.shape, ref_gate.weight.float()
+    logits = F.linear(x.float(), weight)
+    delta = 2 * d * U * (x.float().abs() @ weight.abs().t()).amax(-1, keepdim=True)
+    masked, near = logits, torch.zeros(m, dtype=torch.bool, device=x.device)
+    if ref_gate.group_limited:  # the last kept group's maximum near the next one's
+        groups = logits.view(m, ref_gate.groups, -1)
+        best = groups.amax(-1).sort(-1, descending=True).values
+        near |= best[:, ref_gate.topk_groups - 1] - best[:, ref_gate.topk_groups] <= 2 * delta[:, 0]
+        kept = groups.amax(-1, keepdim=True) >= best[:, ref_gate.topk_groups - 1, None, None]
+        masked = groups.masked_fill(~kept, -torch.inf).view(m, -1)
+    top = masked.topk(ref_gate.k + 1, dim=-1).values  # the k-th kept logit near the next one
+    near |= top[:, -2] - top[:, -1] <= 2 * delta[:, 0]
     order, order_ref = ids.argsort(dim=-1), id_ref.argsort(dim=-1)  # torch's top-k slots are unordered
     same = (ids.gather(1, order) == id_ref.gather(1, order_ref)).all(-1)
     assert (same | near).all(), f"rows {(~same & ~near).nonzero().flatten().tolist()} chose other experts"
@@ -499,10 +487,25 @@ def test_router_equals_gate(m: int, name: str, fused: bool, monkeypatch: pytest.
     # denominator each within e^delta), as is the k weights' renormalisation (a softmax over the k). Rounding:
     # each exp within 1 ulp (2u of each other), the sums in two orders 2(E - 1)u apart, the division u each
     # side; normalising adds 2(k - 1)u + 2u and doubles the score error; scaling adds 2u
-    e, k = GATES[name][:2]
+    e, k = weight.shape[0], ref_gate.k
     rel = (2 * (2 * e + 2) + 2 * k + 2) * U + torch.expm1(2 * delta)
     w_sorted, w_ref_sorted = w.gather(1, order)[same], w_ref.gather(1, order_ref)[same]
     assert ((w_sorted - w_ref_sorted).abs() <= rel[same] * w_ref_sorted.abs()).all()
+
+
+@interp
+@pytest.mark.parametrize("m", [1, 3, 17, 64])
+@pytest.mark.parametrize("name", list(GATES))
+@pytest.mark.parametrize("fused", [True, False])  # logits in the kernel (decode sizes) or by a torch GEMM
+def test_router_equals_gate(m: int, name: str, fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 hidden states, fp32 router weight (as the model holds them)."""
+    monkeypatch.setattr(router_mod, "FUSED_MAX_TOKENS", 64 if fused else 0)
+    hidden = 96
+    g = torch.Generator().manual_seed(m)
+    ref_gate, gate = _gate(name, hidden, "torch"), _gate(name, hidden, "triton")
+    ref_gate.weight.copy_(torch.randn(ref_gate.weight.shape, generator=g))
+    gate.weight.copy_(ref_gate.weight)
+    _assert_routes_like(gate, ref_gate, torch.randn(m, hidden, generator=g).to(torch.bfloat16))
 
 
 @interp
@@ -530,3 +533,14 @@ def test_router_ties_go_to_the_lower_index() -> None:
     logits = torch.tensor([[1.0, 0.2, 0.9, 1.0, 1.0, 0.8, 0.0, -1.0]])
     _, ids = route(logits, eye, 3, groups=4, topk_groups=2)
     assert ids.tolist() == [[0, 3, 2]]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 64, 512])  # logits in the kernel at decode sizes, by a GEMM above
+@pytest.mark.parametrize(("name", "hidden"), [("v2-lite", 2048), ("v2", 5120)])
+def test_gpu_router(name: str, hidden: int, m: int) -> None:
+    ref_gate, gate = _gate(name, hidden, "torch").cuda(), _gate(name, hidden, "triton").cuda()
+    ref_gate.weight.copy_(torch.randn(ref_gate.weight.shape, device="cuda") / hidden**0.5)
+    gate.weight.copy_(ref_gate.weight)
+    _assert_routes_like(gate, ref_gate, torch.randn(m, hidden, device="cuda").to(torch.bfloat16))
