@@ -4,13 +4,13 @@ expert score, then pick among their experts), then normalise the k weights or sc
 
 This is dsq.model.Gate's maths in one launch instead of ~10 torch ops. The logits are fp32 sums of the
 products of x and W upcast to fp32, as Gate's F.linear(x.float(), W.float()), in another summation order.
-Up to FUSED_MAX_TOKENS tokens (every decode batch) each program computes its token's logits itself, one
-launch instead of three (casts and GEMM) ahead of it. Beyond, each program would re-read all of W (E x D,
-0.5 MB in fp32 for V2-Lite) from L2 for its one token, a wave per SM count of tokens, while a GEMM reads it
-once per tile: there a torch GEMM makes the logits and the kernel reads them (a prefill chunk's ~80 launches
-per layer dwarf its three). Untimed: one program streams W through one SM, 16K-element tiles to keep loads
-in flight; should that lose to the three launches (more likely for V2's 3.3 MB than V2-Lite's 0.5 MB),
-split W over programs with a last-program-reduces semaphore.
+Up to FUSED_MAX_TOKENS tokens (every decode batch) and FUSED_MAX_BYTES of W (V2-Lite's, not V2's) each
+program computes its token's logits itself, one launch instead of three (casts and GEMM) ahead of it.
+Beyond, each program would re-read all of W (E x D, 0.5 MB in fp32 for V2-Lite) from L2 for its one token, a
+wave per SM count of tokens, while a GEMM reads it once per tile: there a torch GEMM makes the logits and the
+kernel reads them (a prefill chunk's ~80 launches per layer dwarf its three). Untimed: one program streams W
+through one SM, 16K-element tiles to keep loads in flight; should that lose to the three launches, split W
+over programs with a last-program-reduces semaphore.
 
 Experts are chosen by their logits: the softmax is monotonic, so the choice is torch's on the same logits.
 Ties (equal logits, or equal group maxima) go to the lower expert (group) index, and the k slots come out in
@@ -25,6 +25,10 @@ import triton
 import triton.language as tl
 
 FUSED_MAX_TOKENS = 64  # the largest decode batch bucket, under an H200's 132 SMs: one wave of programs
+# one SM streams W per token: V2-Lite's 0.5 MB in ~5 us at ~100 GB/s per SM, about the three launches it
+# replaces; V2's 3.3 MB would take ~30 us per layer, so it keeps the GEMM (guesses until bench/kernels.py's
+# router table is measured)
+FUSED_MAX_BYTES = 1 << 20
 
 
 @triton.jit
@@ -97,7 +101,7 @@ def route(
     ids = torch.empty(t, k, dtype=torch.int64, device=x.device)
     if not t:
         return weights, ids
-    fused = t <= FUSED_MAX_TOKENS
+    fused = t <= FUSED_MAX_TOKENS and gate.numel() * gate.element_size() <= FUSED_MAX_BYTES
     # the pointers a path does not read are placeholders (so that a profiler counts W read once)
     logits = x if fused else F.linear(x.float(), gate.float())
     x, gate = (x, gate) if fused else (logits, logits)
