@@ -16,7 +16,7 @@ from dsq.engine import Engine, Request, SamplingParams
 from dsq.engine.runner import ModelRunner, follow, full_forward, planned_pages, stop_followers
 from dsq.errors import DsqError
 from dsq.formats import SCHEMES, Scheme
-from dsq.launch import Job, init, spawn
+from dsq.launch import Job, init, leave, spawn
 from dsq.layers import BACKENDS
 from dsq.loader import load_model, read_config
 from dsq.memory import check_fits
@@ -93,6 +93,7 @@ def load_quantized(
         raise
     if rank > 0:  # a follower: it runs rank 0's steps until rank 0 is done, then this process ends
         follow(net)
+        leave()
         raise SystemExit(0)
     tokenizer = Tokenizer(folder) if (folder / "tokenizer.json").exists() else None
     return Model(net, tokenizer, folder, max_seq_len, job)

@@ -72,6 +72,14 @@ def init(world: int, device: torch.device) -> tuple[int, torch.device]:
     return td.get_rank(), device
 
 
+def leave() -> None:
+    """A follower, once rank 0 said stop: leave the process groups before the interpreter exits, so that no
+    collective's thread outlives it (one that does aborts the exit: "terminate called without an active
+    exception", seen once on a loaded machine)."""
+    if td.is_initialized():
+        td.destroy_process_group()
+
+
 def timeout() -> float:
     return float(os.environ.get(TIMEOUT, 600))
 
