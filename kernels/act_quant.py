@@ -42,25 +42,40 @@ def quantize_tile(x, scale, FMAX: tl.constexpr):
 
 
 @triton.jit
+def _row(x_ptr, u_ptr, offs, mask, SWIGLU: tl.constexpr, DTYPE: tl.constexpr):
+    """A slice of the row to quantize: x itself, or with SWIGLU silu(x) * u as torch computes it on 16-bit
+    tensors (silu in fp32 rounded to DTYPE, then the product, exact in fp32, rounded again)."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SWIGLU:
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        s = cast_out(tl.math.div_rn(x, 1.0 + tl.exp(-x)), DTYPE).to(tl.float32)
+        x = cast_out(s * u, DTYPE).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _act_quant_kernel(
-    x_ptr, q_ptr, s_ptr, K, GROUP, stride_xm, stride_qm, stride_sm, FMAX: tl.constexpr, BLOCK: tl.constexpr
+    x_ptr, u_ptr, q_ptr, s_ptr, K, GROUP, stride_xm, stride_qm, stride_sm,
+    SWIGLU: tl.constexpr, DTYPE: tl.constexpr, FMAX: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One program per (token, group): amax pass, then a quantize pass over the same (cached) slice."""
+    """One program per (token, group): amax pass, then a quantize pass over the same (cached) slice; with
+    SWIGLU the product is computed in both passes (cheaper than storing it)."""
     m = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     start = g * GROUP
     end = tl.minimum(start + GROUP, K)
+    x_ptr += m * stride_xm
+    u_ptr += m * stride_xm
     amax = tl.zeros([BLOCK], dtype=tl.float32)
     for k0 in range(start, end, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < end, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
+        amax = tl.maximum(amax, tl.abs(_row(x_ptr, u_ptr, offs, offs < end, SWIGLU, DTYPE)))
     scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), FMAX)
     tl.store(s_ptr + m * stride_sm + g, scale)
     for k0 in range(start, end, BLOCK):
         offs = k0 + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + m * stride_xm + offs, mask=offs < end, other=0.0).to(tl.float32)
-        v = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FMAX), FMAX)
+        v = tl.math.div_rn(_row(x_ptr, u_ptr, offs, offs < end, SWIGLU, DTYPE), scale)
+        v = tl.minimum(tl.maximum(v, -FMAX), FMAX)
         tl.store(q_ptr + m * stride_qm + offs, round_e4m3(v).to(tl.uint8), mask=offs < end)
 
 
@@ -69,56 +84,7 @@ def act_quant(x: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, 
 
     `group=None` scales per token (channel-scaled FP8 weights); `group=128` per 1x128 slice (block scales)."""
     assert x.dim() == 2 and x.stride(1) == 1, f"act_quant wants a row-major 2-D tensor, got {tuple(x.shape)}"
-    assert x.dtype in (torch.bfloat16, torch.float16, torch.float32), x.dtype
-    m, k = x.shape
-    g = k if group is None else group
-    assert g > 0 and k > 0, (group, k)
-    n_groups = triton.cdiv(k, g)
-    q = torch.empty(m, k, dtype=FP8, device=x.device)
-    scale = torch.empty(m, n_groups, dtype=torch.float32, device=x.device)
-    if m == 0:
-        return q, scale
-    block = min(triton.next_power_of_2(g), 2048)
-    _act_quant_kernel[(m, n_groups)](
-        x, q.view(torch.uint8), scale, k, g, x.stride(0), q.stride(0), scale.stride(0),
-        FMAX=FP8_MAX, BLOCK=block, num_warps=4 if block <= 1024 else 8,
-    )
-    return q, scale
-
-
-@triton.jit
-def _swiglu(g_ptr, u_ptr, offs, mask, dtype: tl.constexpr):
-    """silu(gate) * up as torch computes it on 16-bit tensors: silu in fp32 rounded to dtype, then the product
-    (exact in fp32) rounded again."""
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    s = cast_out(tl.math.div_rn(g, 1.0 + tl.exp(-g)), dtype).to(tl.float32)
-    return cast_out(s * u, dtype).to(tl.float32)
-
-
-@triton.jit
-def _silu_mul_quant_kernel(
-    g_ptr, u_ptr, q_ptr, s_ptr, K, GROUP, stride_m, stride_qm, stride_sm,
-    DTYPE: tl.constexpr, FMAX: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """One program per (token, group), as _act_quant_kernel, computing the product in both passes (cheaper
-    than storing it)."""
-    m = tl.program_id(0).to(tl.int64)
-    g = tl.program_id(1)
-    start = g * GROUP
-    end = tl.minimum(start + GROUP, K)
-    amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for k0 in range(start, end, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
-        y = _swiglu(g_ptr + m * stride_m, u_ptr + m * stride_m, offs, offs < end, DTYPE)
-        amax = tl.maximum(amax, tl.abs(y))
-    scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), FMAX)
-    tl.store(s_ptr + m * stride_sm + g, scale)
-    for k0 in range(start, end, BLOCK):
-        offs = k0 + tl.arange(0, BLOCK)
-        y = _swiglu(g_ptr + m * stride_m, u_ptr + m * stride_m, offs, offs < end, DTYPE)
-        v = tl.minimum(tl.maximum(tl.math.div_rn(y, scale), -FMAX), FMAX)
-        tl.store(q_ptr + m * stride_qm + offs, round_e4m3(v).to(tl.uint8), mask=offs < end)
+    return _launch(x, None, group)
 
 
 def silu_mul_quant(
@@ -129,18 +95,23 @@ def silu_mul_quant(
     of one joined GEMM's output (row views with a common stride)."""
     assert gate.shape == up.shape and gate.dim() == 2 and gate.dtype == up.dtype, (gate.shape, up.shape)
     assert gate.stride() == up.stride() and gate.stride(1) == 1, "gate and up must be row-major with one stride"
-    assert gate.dtype in (torch.bfloat16, torch.float16, torch.float32), gate.dtype
-    m, k = gate.shape
+    return _launch(gate, up, group)
+
+
+def _launch(x: torch.Tensor, up: torch.Tensor | None, group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    assert x.dtype in (torch.bfloat16, torch.float16, torch.float32), x.dtype
+    m, k = x.shape
     g = k if group is None else group
+    assert g > 0 and k > 0, (group, k)
     n_groups = triton.cdiv(k, g)
-    q = torch.empty(m, k, dtype=FP8, device=gate.device)
-    scale = torch.empty(m, n_groups, dtype=torch.float32, device=gate.device)
+    q = torch.empty(m, k, dtype=FP8, device=x.device)
+    scale = torch.empty(m, n_groups, dtype=torch.float32, device=x.device)
     if m == 0:
         return q, scale
     block = min(triton.next_power_of_2(g), 2048)
-    dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[gate.dtype]
-    _silu_mul_quant_kernel[(m, n_groups)](
-        gate, up, q.view(torch.uint8), scale, k, g, gate.stride(0), q.stride(0), scale.stride(0),
-        DTYPE=dtype, FMAX=FP8_MAX, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+    dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[x.dtype]
+    _act_quant_kernel[(m, n_groups)](
+        x, x if up is None else up, q.view(torch.uint8), scale, k, g, x.stride(0), q.stride(0), scale.stride(0),
+        SWIGLU=up is not None, DTYPE=dtype, FMAX=FP8_MAX, BLOCK=block, num_warps=4 if block <= 1024 else 8,
     )
     return q, scale

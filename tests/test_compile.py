@@ -34,7 +34,7 @@ CONTEXTS = (32, 4096, 32768)  # cache lengths: one 32-token tile (1 KV split), a
 
 KERNELS = {"_act_quant_kernel", "_fp8_gemm_kernel", "_int4_gemm_kernel", "_splitk_reduce_kernel", "_moe_kernel",
            "_cache_write_kernel", "_decode_kernel", "_reduce_kernel", "_add_rms_norm_kernel", "_router_kernel",
-           "_silu_mul_quant_kernel", "_moe_align_kernel"}
+           "_moe_align_kernel"}
 
 
 def launch_all() -> None:
