@@ -24,8 +24,8 @@ HBM = 4.8e12  # H200 bytes/s (BRIEF section 3)
 
 def fill_random(net, std: float = 0.02, seed: int = 0) -> None:
     """Random weights straight into every module, quantized on the device by the module's own format."""
-    from dsq.layers import Linear, RMSNorm
-    from dsq.model import Embedding, Gate
+    from dsq.layers import Embedding, Linear, RMSNorm
+    from dsq.model import Gate
 
     torch.manual_seed(seed)
     for m in net.modules():

@@ -84,7 +84,7 @@ def load_quantized(
     try:
         rank, device = init(tp, device) if tp > 1 else (0, device)
         fits = check_fits(folder, device, dtype, kv_cache_dtype, gpu_memory_utilization, max_seq_len or 4096, rank,
-                          tp, scheme) if device.type == "cuda" else None
+                          tp, scheme, backend) if device.type == "cuda" else None
         net = load_model(folder, device, dtype, rank, tp, scheme, backend=backend, kv_cache_dtype=kv_cache_dtype,
                          cache_tokens=fits.cache_tokens if fits else None)
     except BaseException:

@@ -1,5 +1,6 @@
 """The seam every weight matmul goes through: a linear module (a storage format + a forward), routed experts,
-and the RMSNorm that feeds them (one fused kernel with the residual add on the Triton backend).
+the RMSNorm that feeds them (one fused kernel with the residual add on the Triton backend), and the
+vocab-parallel token embedding.
 
 A `Linear` holds its weight as its format's stored tensors (compressed-tensors names: `weight`, or
 `weight_packed` + `weight_scale` + ...), optionally stacked over a leading expert dim; the maths is the
@@ -15,6 +16,7 @@ from torch import nn
 
 from dsq.errors import DsqError
 from dsq.formats import BF16, Format, FP8Channel, Scheme
+from dsq.parallel import Dist
 from dsq.quant import BLOCK
 
 BACKENDS = ("torch", "triton")
@@ -207,3 +209,20 @@ class RMSNorm(nn.Module):
             return n.x, n.out, None if quant is None else (n.q, n.scale)
         x = x if residual is None else x + residual
         return x, self(x), None
+
+
+class Embedding(nn.Module):
+    """Token embedding, vocab-parallel on N ranks: this rank holds rows [lo, hi); other rows look up zeros
+    here and the all-reduce fills them in from the rank that holds them."""
+
+    def __init__(self, dim: int, dtype: torch.dtype, dist: Dist):
+        super().__init__()
+        self.dist, (self.lo, self.hi) = dist, dist.shard.vocab
+        self.weight = nn.Parameter(torch.empty(self.hi - self.lo, dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.dist.world == 1:
+            return F.embedding(tokens, self.weight)
+        here = (tokens >= self.lo) & (tokens < self.hi)
+        x = F.embedding((tokens - self.lo) * here, self.weight).masked_fill_(~here[..., None], 0)
+        return self.dist.all_reduce(x)

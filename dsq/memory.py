@@ -21,18 +21,19 @@ GB = 1e9
 
 
 def weight_bytes(cfg: Config, scheme: Scheme | None = None, dtype: torch.dtype = torch.bfloat16, world: int = 1,
-                 rank: int = 0) -> dict[str, int]:
+                 rank: int = 0, backend: str = "torch") -> dict[str, int]:
     """Bytes of weights by role (attention, dense, shared, experts, router, norm, embed, head) that `rank` of a
     `world`-rank job holds in `scheme`'s formats (None: unquantized, in `dtype`): the model the loader would
     fill, built on the meta device, so no arithmetic of its own can drift from what load_quantized allocates.
-    Attention includes the absorbed path's W_UK / W_UV, laid out from kv_b at load (dsq.model.MLA)."""
+    Attention includes the absorbed path's W_UK / W_UV where `backend` lays them out from kv_b at load
+    (dsq.model.MLA: not on the Triton backend with an FP8 kv_b, whose kernels read kv_b itself)."""
     with torch.device("meta"):
-        model = Transformer(cfg, dtype, Dist(shard_plan(cfg, world, scheme), rank), scheme)
+        model = Transformer(cfg, dtype, Dist(shard_plan(cfg, world, scheme), rank), scheme, backend)
     out: dict[str, int] = {}
     for name, expert, t in tensor_names(model):
         r = role(unstacked(name, expert))
         out[r] = out.get(r, 0) + t.numel() * t.element_size()
-    prepared = [t for m in model.modules() if isinstance(m, MLA) for t in (m.w_uk, m.w_uv)]
+    prepared = [t for m in model.modules() if isinstance(m, MLA) for t in (m.w_uk, m.w_uv) if t is not None]
     out["attention"] = out.get("attention", 0) + sum(t.numel() * t.element_size() for t in prepared)
     return out
 
@@ -104,13 +105,14 @@ def cache_tokens(cfg: Config, world: int, gpu_bytes: int, scheme: Scheme | None 
 
 
 def check_fits(folder: Path, device: torch.device, dtype: torch.dtype, kv_cache_dtype: str, utilization: float,
-               tokens: int, rank: int = 0, world: int = 1, scheme: Scheme | None = None) -> MemoryPlan:
+               tokens: int, rank: int = 0, world: int = 1, scheme: Scheme | None = None,
+               backend: str = "triton") -> MemoryPlan:
     """Run the memory planner against the device's free memory before anything is allocated."""
     cfg, declared = read_config(folder)
     scheme = scheme or declared
     int4 = scheme.uses(Int4Group)
     free, total = torch.cuda.mem_get_info(device)
-    weights = sum(weight_bytes(cfg, scheme, dtype, world, rank).values())  # this rank's slices and experts
+    weights = sum(weight_bytes(cfg, scheme, dtype, world, rank, backend).values())  # this rank's slices and experts
     return memory_plan(cfg, weights, total, free, utilization, kv_cache_dtype, need_tokens=tokens,
                        prefill_tokens=min(tokens, 4096), dtype_bytes=torch.empty(0, dtype=dtype).element_size(),
                        int4_experts=int4)

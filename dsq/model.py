@@ -16,17 +16,18 @@ from torch.nn.attention.bias import causal_lower_right
 
 from dsq.cache import Attention, LatentCache
 from dsq.config import Config
-from dsq.formats import Scheme
-from dsq.layers import Build, RMSNorm, fp8_input, join, project, swiglu
+from dsq.formats import FP8Channel, Scheme
+from dsq.layers import Build, Embedding, RMSNorm, fp8_input, join, project, swiglu
 from dsq.parallel import Dist
-from dsq.rope import apply_rope, rope_frequencies
+from dsq.rope import apply_rope, rope_angles, rope_frequencies
 
 
 class MLA(nn.Module):
     """Multi-head latent attention. Naive path (prefill chunks): expand K/V per head from the latent.
     Absorbed path (decodes): fold W_UK into the query and W_UV after attention, attending the latent cache
-    (DeepSeek-V2 paper, section 2.1.2). W_UK [H, P, C] and W_UV [H, V, C] are kv_b's rows per head, laid out
-    once in the model dtype by `prepare` after loading, so a decode step reads them and dequantizes nothing."""
+    (DeepSeek-V2 paper, section 2.1.2). On the Triton backend with an FP8 kv_b the kernels of kernels/mla_absorb.py
+    read kv_b as stored (rope of q_pe included); otherwise W_UK [H, P, C] and W_UV [H, V, C], kv_b's rows per
+    head, are laid out once in the model dtype by `prepare` after loading, so a decode step dequantizes nothing."""
 
     def __init__(self, cfg: Config, build: Build, dist: Dist, name: str):
         super().__init__()
@@ -49,13 +50,17 @@ class MLA(nn.Module):
                                       self.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim))
         # row-parallel: a partial sum over this rank's heads
         self.o_proj = build.linear(f"{name}.o_proj", self.n_heads * cfg.v_head_dim, d)
-        # derived from kv_b_proj, not checkpoint tensors: non-persistent, out of the state dict
-        lat = (self.n_heads, cfg.kv_lora_rank)
-        self.register_buffer("w_uk", torch.empty(lat[0], cfg.qk_nope_head_dim, lat[1], dtype=dtype), persistent=False)
-        self.register_buffer("w_uv", torch.empty(lat[0], cfg.v_head_dim, lat[1], dtype=dtype), persistent=False)
+        # derived from kv_b_proj, not checkpoint tensors: non-persistent, out of the state dict; None (no
+        # buffer) where the kernels read kv_b itself
+        self.kernels = build.backend == "triton" and isinstance(self.kv_b_proj.fmt, FP8Channel)
+        for buf, rows in (("w_uk", cfg.qk_nope_head_dim), ("w_uv", cfg.v_head_dim)):
+            w = None if self.kernels else torch.empty(self.n_heads, rows, cfg.kv_lora_rank, dtype=dtype)
+            self.register_buffer(buf, w, persistent=False)
 
     def prepare(self) -> None:
         """Lay out W_UK and W_UV from this rank's kv_b_proj rows (its heads); call once its tensors are in."""
+        if self.kernels:
+            return
         w = self.kv_b_proj.dequantize().view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
         uk, uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
         self.w_uk.copy_(uk)
@@ -75,16 +80,16 @@ class MLA(nn.Module):
         if hasattr(self, "q_a_proj"):  # the norm quantizes for q_b_proj too
             _, q, qq = self.q_a_layernorm.add(q, None, fp8_input(self.q_b_proj))
             q = project(q, self.q_b_proj, xq=qq)[0]
-        q_nope, q_pe = q.view(n, self.n_heads, nope + rope_dim).split([nope, rope_dim], dim=-1)
+        q = q.view(n, self.n_heads, nope + rope_dim)
         cos, sin = rope
-        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])
         attn.cache.write(layer, attn.slots, kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, cos, sin)
         if not attn.prefills:  # decodes only: no indexing, so a CUDA graph can replay it
-            return self.o_proj(self._absorbed(q_nope, q_pe, attn, layer).flatten(1))
-        o = q_nope.new_empty(n, self.n_heads, self.v_head_dim)
-        if len(attn.decode_rows):
-            rows = attn.decode_rows
-            o[rows] = self._absorbed(q_nope[rows], q_pe[rows], attn, layer)
+            return self.o_proj(self._absorbed(q, cos, sin, attn, layer))
+        o = q.new_empty(n, self.n_heads, self.v_head_dim)
+        if len(rows := attn.decode_rows):
+            o.flatten(1)[rows] = self._absorbed(q[rows], cos[rows], sin[rows], attn, layer)
+        q_nope, q_pe = q.split([nope, rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])
         for seq in attn.prefills:
             at = slice(seq.start, seq.start + seq.length)
             if seq.fresh:
@@ -109,11 +114,19 @@ class MLA(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v.transpose(0, 1), scale=self.scale, **causal)
         return o.transpose(0, 1)
 
-    def _absorbed(self, q_nope, q_pe, attn: Attention, layer: int) -> torch.Tensor:
-        """The decodes' queries [Bd, H, *] attending the latent cache: W_UK folded into the query, W_UV after."""
+    def _absorbed(self, q, cos, sin, attn: Attention, layer: int) -> torch.Tensor:
+        """The decodes' queries q [Bd, H, P+R] (rope not applied yet) attending the latent cache: W_UK folded
+        into the query, W_UV after. -> [Bd, H*V]."""
+        if self.kernels:
+            from dsq.kernels import absorb_o, absorb_q
+
+            w = self.kv_b_proj.weight, self.kv_b_proj.weight_scale
+            o_lat = attn.decode(layer, *absorb_q(q, cos, sin, *w), self.scale)  # fp32
+            return absorb_o(o_lat, *w, self.qk_nope_head_dim, q.dtype)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_lat = torch.einsum("bhp,hpc->bhc", q_nope, self.w_uk)
-        o_lat = attn.decode(layer, q_lat, q_pe, self.scale)  # fp32
-        return torch.einsum("bhc,hvc->bhv", o_lat.to(self.w_uv.dtype), self.w_uv)
+        o_lat = attn.decode(layer, q_lat, apply_rope(q_pe, cos[:, None], sin[:, None]), self.scale)  # fp32
+        return torch.einsum("bhc,hvc->bhv", o_lat.to(self.w_uv.dtype), self.w_uv).flatten(1)
 
 
 class Gate(nn.Module):
@@ -216,23 +229,6 @@ class Block(nn.Module):
         return x, self.dist.all_reduce(self.mlp(h, hq))
 
 
-class Embedding(nn.Module):
-    """Token embedding, vocab-parallel on N ranks: this rank holds rows [lo, hi); other rows look up zeros
-    here and the all-reduce fills them in from the rank that holds them."""
-
-    def __init__(self, dim: int, dtype: torch.dtype, dist: Dist):
-        super().__init__()
-        self.dist, (self.lo, self.hi) = dist, dist.shard.vocab
-        self.weight = nn.Parameter(torch.empty(self.hi - self.lo, dim, dtype=dtype), requires_grad=False)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.dist.world == 1:
-            return F.embedding(tokens, self.weight)
-        here = (tokens >= self.lo) & (tokens < self.hi)
-        x = F.embedding((tokens - self.lo) * here, self.weight).masked_fill_(~here[..., None], 0)
-        return self.dist.all_reduce(x)
-
-
 class Decoder(nn.Module):
     """The embedding, the blocks and the final norm: HF's `model.` prefix."""
 
@@ -284,10 +280,7 @@ class Transformer(nn.Module):
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits of the step's flattened tokens [N] at positions pos [N]: all [N, V], or those of
         `rows` [M] only: [M, V]. Every new token's latent is written at its slot in `attn.cache`."""
-        angle = pos[:, None].float() * self.inv_freq
-        y = self.cfg.rope_scaling
-        factor = y.attention_factor if y is not None else 1.0
-        rope = (angle.cos() * factor, angle.sin() * factor)
+        rope = rope_angles(self.cfg, self.inv_freq, pos)
         x, mlp_out = self.model.embed_tokens(tokens), None
         for layer in self.model.layers:
             x, mlp_out = layer(x, mlp_out, pos, rope, attn)

@@ -27,6 +27,13 @@ def rope_frequencies(cfg: Config) -> torch.Tensor:
     return freqs / y.factor * ramp + freqs * (1 - ramp)
 
 
+def rope_angles(cfg: Config, inv_freq: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [N, R/2] of positions pos [N], times YaRN's attention factor (dsq.config.Yarn)."""
+    angle = pos[:, None].float() * inv_freq
+    factor = cfg.rope_scaling.attention_factor if cfg.rope_scaling is not None else 1.0
+    return angle.cos() * factor, angle.sin() * factor
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (x[2i], x[2i+1]) by the angle whose cos/sin are given ([..., R/2]), in fp32."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)

@@ -34,7 +34,7 @@ CONTEXTS = (32, 4096, 32768)  # cache lengths: one 32-token tile (1 KV split), a
 
 KERNELS = {"_act_quant_kernel", "_fp8_gemm_kernel", "_int4_gemm_kernel", "_splitk_reduce_kernel", "_moe_kernel",
            "_cache_write_kernel", "_decode_kernel", "_reduce_kernel", "_add_rms_norm_kernel", "_router_kernel",
-           "_moe_align_kernel"}
+           "_moe_align_kernel", "_absorb_q_kernel", "_absorb_o_kernel"}
 
 
 def launch_all() -> None:
@@ -42,8 +42,9 @@ def launch_all() -> None:
     import torch
 
     kernel = lambda name: importlib.import_module("dsq.kernels." + name)  # the package attributes are the functions
-    fg, ig, fm, mc, md, nm, rt, aq = (kernel(n) for n in ("fp8_gemm", "int4_gemm", "fused_moe", "mla_cache",
-                                                          "mla_decode", "norm", "router", "act_quant"))
+    fg, ig, fm, mc, md, nm, rt, aq, ma = (kernel(n) for n in ("fp8_gemm", "int4_gemm", "fused_moe", "mla_cache",
+                                                              "mla_decode", "norm", "router", "act_quant",
+                                                              "mla_absorb"))
     bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
     x = lambda m, k: torch.empty(m, k, dtype=bf16)
     # the norms (hidden; V2's q_lora 1536 and hidden 5120) with the residual add, unquantized or quantized for
@@ -92,6 +93,15 @@ def launch_all() -> None:
             table = torch.zeros(b, context // 64, dtype=torch.int32)
             md.mla_decode(torch.empty(b, HEADS, KV_LORA), torch.empty(b, HEADS, ROPE, dtype=bf16), pool, table,
                           torch.ones(b, dtype=torch.int32), 0.1, max_seq_len=context)
+    # the absorbed projections around it, reading kv_b's FP8 weight (channel or block scales): q from q_proj's
+    # output rows, o_lat as mla_decode returns it
+    kv_b = (HEADS * (NOPE + V_DIM), KV_LORA)
+    for b, block in itertools.product(DECODE_M, (False, True)):
+        w = torch.empty(kv_b, dtype=fp8)
+        scale = torch.empty(kv_b[0] // 128, kv_b[1] // 128) if block else torch.empty(kv_b[0], 1)
+        ma.absorb_q(x(b, HEADS * (NOPE + ROPE)).view(b, HEADS, -1), torch.empty(b, ROPE // 2),
+                    torch.empty(b, ROPE // 2), w, scale)
+        ma.absorb_o(torch.empty(b, HEADS, KV_LORA), w, scale, NOPE, bf16)
 
 
 def _experts(fmt: str, n: int, k: int) -> dict:
@@ -159,13 +169,13 @@ def compile_for_h200(shard: int, shards: int) -> None:
         )), flush=True)
 
     JITFunction.run = compile_only
-    cm, ig, fg, md = (importlib.import_module("dsq.kernels." + n)
-                      for n in ("common", "int4_gemm", "fp8_gemm", "mla_decode"))
+    cm, ig, fg, md, ma = (importlib.import_module("dsq.kernels." + n)
+                          for n in ("common", "int4_gemm", "fp8_gemm", "mla_decode", "mla_absorb"))
     # where the wrappers ask the device: its SM count, and whether it runs compiled code (bf16 dots)
     ig.sm_count = fg.sm_count = lambda t: H200_SMS
     real_splits = md.default_num_splits
     md.default_num_splits = lambda batch, heads, seq, sms, *a: real_splits(batch, heads, seq, H200_SMS, *a)
-    cm.interpreted = md.interpreted = lambda t: False
+    cm.interpreted = md.interpreted = ma.interpreted = lambda t: False
     launch_all()
 
 
