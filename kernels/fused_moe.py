@@ -20,7 +20,11 @@ Two ways to form the blocks:
   columns. It is sized for the worst case from (M, k, E, BM) alone: blocks past the used ones hold expert -1
   and exit at once.
 - decode (M <= DECODE_MAX_TOKENS): block p is the single pair p, its expert read straight from topk_ids. No
-  sorting, only the chosen experts' weights are touched, three launches in all.
+  sorting, only the chosen experts' weights are touched, and the down launch takes one token per program
+  instead: its k pairs against their experts in slot order, summed with `add` and cast in registers (the
+  sum of step 3 in the same order, without its launch or the fp32 y). Its column tiles narrow (64, 32, 16)
+  until M x tiles covers the SMs: V2-Lite's 2048 at batch 1 is 128 programs of 16 columns x 6 experts.
+  Two launches in all.
 Neither path syncs with the host or has a data-dependent shape, so both can be captured in a CUDA graph.
 """
 
@@ -36,7 +40,7 @@ import triton.language as tl
 from dsq.quant import BLOCK, FP8, FP8_MAX, fp8_linear, int4_dequantize, is_block_scale
 
 from .act_quant import act_quant, group_scales, quantize_tile, token_scales
-from .common import cast_out, dot_dtype, splitk_reduce
+from .common import cast_out, dot_dtype, sm_count, splitk_reduce
 from .fp8_gemm import fp8_dot_step
 from .int4_gemm import int4_dot_step, int4_step
 from .moe_align import moe_align
@@ -45,44 +49,18 @@ DECODE_MAX_TOKENS = 8  # up to here one pair per block beats sorting (a guess un
 
 
 @triton.jit
-def _moe_kernel(
-    a_ptr, as_ptr, out_ptr, w_ptr, ws_ptr, wz_ptr, v_ptr, vs_ptr, vz_ptr,
-    pair_ids_ptr, expert_ids_ptr, topk_w_ptr,
-    N, K, T, ROW_DIV, OUT_DIV, OUT_MUL, GROUP,
-    stride_am, stride_asm, stride_om, stride_we, stride_wn, stride_se, stride_sn, stride_ze, stride_zn,
-    GATED: tl.constexpr, FP8_W: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_ZP: tl.constexpr,
-    QUANT_A: tl.constexpr, DECODE: tl.constexpr, FMAX: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+def _expert_dot(
+    a_rows, row_mask, as_rows, w_ptr, ws_ptr, wz_ptr, v_ptr, vs_ptr, vz_ptr, offs_n, n_mask, K, GROUP,
+    stride_wn, stride_sn, stride_zn, GATED: tl.constexpr, FP8_W: tl.constexpr, BLOCK_SCALES: tl.constexpr,
+    HAS_ZP: tl.constexpr, QUANT_A: tl.constexpr, FMAX: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BK: tl.constexpr, DOT: tl.constexpr,
 ):
-    """Pairs of one block x BN columns of their expert; pairs >= T are padding.
-
-    GATED: a rows are tokens (pair // ROW_DIV), w = gate and v = up, out[pair] = silu(a w^T) * (a v^T).
-    Otherwise: a rows are pairs (h), w = down, out row (pair % OUT_DIV) * OUT_MUL + pair // OUT_DIV (the
-    slot-major [k, M] order the per-token sum wants) = (a w^T) * the pair's router weight.
-    FP8 weights: a is fp8 with act_quant's scales in as_ptr, or (QUANT_A) unquantized and quantized here."""
-    pid_m = tl.program_id(0)
-    offs = tl.arange(0, BM)
-    if DECODE:  # noqa: SIM108 (constexpr branches stay statements for Triton's compiler)
-        pairs = tl.where(offs == 0, pid_m, T)
-    else:
-        pairs = tl.load(pair_ids_ptr + pid_m * BM + offs)
-    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
-    if expert < 0:  # a block past the used ones (grouped path)
-        return
-    row_mask = pairs < T
-    a_rows = a_ptr + (pairs // ROW_DIV).to(tl.int64)[:, None] * stride_am
-    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
-    n_mask = offs_n < N
-    w_ptr += expert * stride_we
-    ws_ptr += expert * stride_se
-    wz_ptr += expert * stride_ze
+    """(a w^T, a v^T) in fp32 [BM, BN], scales applied, for the rows a_rows of one expert (w, v and their
+    scales already offset to it; v only if GATED). FP8: a is fp8 with act_quant's scales at as_rows, or
+    (QUANT_A) unquantized and quantized here."""
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    if GATED:
-        v_ptr += expert * stride_we
-        vs_ptr += expert * stride_se
-        vz_ptr += expert * stride_ze
-        acc_up = tl.zeros([BM, BN], dtype=tl.float32)
-    if QUANT_A:  # noqa: SIM102 (as above)
+    acc_up = tl.zeros([BM, BN], dtype=tl.float32)
+    if QUANT_A:  # noqa: SIM102 (constexpr branches stay statements for Triton's compiler)
         if not BLOCK_SCALES:
             a_s = token_scales(a_rows, row_mask, K, FMAX, BM, BK)
     for t in range(0, tl.cdiv(K, BK)):
@@ -95,7 +73,7 @@ def _moe_kernel(
                     a_s = group_scales(x, FMAX)
                 a = quantize_tile(x, a_s, FMAX)
             elif BLOCK_SCALES:
-                a_s = tl.load(as_ptr + (pairs // ROW_DIV) * stride_asm + t, mask=row_mask, other=0.0)
+                a_s = tl.load(as_rows + t, mask=row_mask, other=0.0)
             else:
                 a_s = 1.0  # applied after the loop
             acc = fp8_dot_step(acc, a, a_s, w_ptr, ws_ptr, offs_n, n_mask, t, K, stride_wn, stride_sn, BLOCK_SCALES, BK)
@@ -117,11 +95,72 @@ def _moe_kernel(
     if FP8_W:  # noqa: SIM102 (as above)
         if not BLOCK_SCALES:  # channel scales: token scale x channel scale, once
             if not QUANT_A:
-                a_s = tl.load(as_ptr + (pairs // ROW_DIV) * stride_asm, mask=row_mask, other=0.0)
+                a_s = tl.load(as_rows, mask=row_mask, other=0.0)
             acc = acc * a_s[:, None] * tl.load(ws_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)[None, :]
             if GATED:
                 w_s = tl.load(vs_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)
                 acc_up = acc_up * a_s[:, None] * w_s[None, :]
+    return acc, acc_up
+
+
+@triton.jit
+def _moe_kernel(
+    a_ptr, as_ptr, out_ptr, w_ptr, ws_ptr, wz_ptr, v_ptr, vs_ptr, vz_ptr,
+    pair_ids_ptr, expert_ids_ptr, topk_w_ptr, add_ptr,
+    N, K, T, ROW_DIV, OUT_DIV, OUT_MUL, GROUP,
+    stride_am, stride_asm, stride_om, stride_we, stride_wn, stride_se, stride_sn, stride_ze, stride_zn,
+    GATED: tl.constexpr, FP8_W: tl.constexpr, BLOCK_SCALES: tl.constexpr, HAS_ZP: tl.constexpr,
+    QUANT_A: tl.constexpr, DECODE: tl.constexpr, SLOTS: tl.constexpr, HAS_ADD: tl.constexpr, FMAX: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr,
+):
+    """Pairs of one block x BN columns of their expert; pairs >= T are padding.
+
+    GATED: a rows are tokens (pair // ROW_DIV), w = gate and v = up, out[pair] = silu(a w^T) * (a v^T).
+    SLOTS > 0 (the decode path's down launch): program m is token m; its SLOTS pairs (rows of a = h) run
+    against their experts' down weights in slot order, each times its router weight, summed in fp32 with
+    add[m] (HAS_ADD) and written once in out's dtype: the per-token sum needs no launch of its own.
+    Otherwise: a rows are pairs (h), w = down, out row (pair % OUT_DIV) * OUT_MUL + pair // OUT_DIV (the
+    slot-major [k, M] order the per-token sum wants) = (a w^T) * the pair's router weight."""
+    pid_m = tl.program_id(0)
+    offs = tl.arange(0, BM)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    n_mask = offs_n < N
+    if SLOTS > 0:
+        total = tl.zeros([BM, BN], dtype=tl.float32)
+        for j in range(SLOTS):
+            pair = pid_m * SLOTS + j
+            pairs = tl.where(offs == 0, pair, T)
+            row_mask = pairs < T
+            expert = tl.load(expert_ids_ptr + pair).to(tl.int64)
+            acc, _ = _expert_dot(
+                a_ptr + pairs.to(tl.int64)[:, None] * stride_am, row_mask, as_ptr + pairs * stride_asm,
+                w_ptr + expert * stride_we, ws_ptr + expert * stride_se, wz_ptr + expert * stride_ze,
+                w_ptr, ws_ptr, wz_ptr, offs_n, n_mask, K, GROUP, stride_wn, stride_sn, stride_zn,
+                False, FP8_W, BLOCK_SCALES, HAS_ZP, QUANT_A, FMAX, BM, BN, BK, DOT,
+            )
+            total += acc * tl.load(topk_w_ptr + pairs, mask=row_mask, other=0.0)[:, None]
+        mask = (offs == 0)[:, None] & n_mask[None, :]
+        rows = (pid_m + offs * 0).to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        if HAS_ADD:
+            total += tl.load(add_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, cast_out(total, out_ptr.dtype.element_ty), mask=mask)
+        return
+    if DECODE:  # noqa: SIM108 (as above)
+        pairs = tl.where(offs == 0, pid_m, T)
+    else:
+        pairs = tl.load(pair_ids_ptr + pid_m * BM + offs)
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if expert < 0:  # a block past the used ones (grouped path)
+        return
+    row_mask = pairs < T
+    rows = (pairs // ROW_DIV).to(tl.int64)
+    acc, acc_up = _expert_dot(
+        a_ptr + rows[:, None] * stride_am, row_mask, as_ptr + rows * stride_asm,
+        w_ptr + expert * stride_we, ws_ptr + expert * stride_se, wz_ptr + expert * stride_ze,
+        v_ptr + expert * stride_we, vs_ptr + expert * stride_se, vz_ptr + expert * stride_ze,
+        offs_n, n_mask, K, GROUP, stride_wn, stride_sn, stride_zn,
+        GATED, FP8_W, BLOCK_SCALES, HAS_ZP, QUANT_A, FMAX, BM, BN, BK, DOT,
+    )
     if GATED:
         out = acc * tl.sigmoid(acc) * acc_up
     else:
@@ -169,9 +208,10 @@ def _experts(d: dict[str, torch.Tensor], e: int, n: int, k: int) -> _Experts:
 def _launch(
     a: torch.Tensor, out: torch.Tensor, w: _Experts, v: _Experts | None,
     blocks: tuple[torch.Tensor, torch.Tensor, bool], topk_w: torch.Tensor, row_div: int,
-    out_order: tuple[int, int], bm: int,
+    out_order: tuple[int, int], bm: int, add: torch.Tensor | None = None,
 ) -> None:
-    """Run one projection (two when v is given: gate and up) over every block of pairs."""
+    """Run one projection (two when v is given: gate and up) over every block of pairs; the decode path's
+    down launch (v None) sums each token's slots, plus add, into out [M, N]."""
     n, k = w.w.shape[1], a.shape[1]
     pair_ids, expert_ids, decode = blocks
     a_s = a  # placeholder pointer: INT4 has no activation scales, QUANT_A computes them in the kernel
@@ -179,18 +219,25 @@ def _launch(
         a, a_s = act_quant(a, BLOCK if w.block else None)
     bk = BLOCK if w.fp8 else int4_step(w.group, k, 128 if bm == 16 else 64)
     assert w.fp8 or w.group % bk == 0 or w.group == k, f"INT4 group {w.group} must be a multiple of 16"
-    bn = 64
     gated = v is not None
+    slots = topk_w.shape[1] if decode and not gated else 0
+    if slots:  # a program per token: narrower column tiles until the grid covers the SMs
+        m = topk_w.shape[0]
+        bn = next((b for b in (64, 32) if m * triton.cdiv(n, b) >= sm_count(a)), 16)
+        grid = (m, triton.cdiv(n, bn))
+    else:
+        bn = 64
+        grid = (expert_ids.numel(), triton.cdiv(n, bn))
     v = v if gated else w
     z, vz = (w.zero, v.zero) if w.zero is not None else (w.w, v.w)
-    _moe_kernel[(expert_ids.numel(), triton.cdiv(n, bn))](
-        a, a_s, out, w.w, w.scale, z, v.w, v.scale, vz, pair_ids, expert_ids, topk_w,
+    _moe_kernel[grid](
+        a, a_s, out, w.w, w.scale, z, v.w, v.scale, vz, pair_ids, expert_ids, topk_w, out if add is None else add,
         n, k, topk_w.numel(), row_div, *out_order, w.group,
         a.stride(0), a_s.stride(0), out.stride(-2), w.w.stride(0), w.w.stride(1), w.scale.stride(0),
         w.scale.stride(1), z.stride(0), z.stride(1),
         GATED=gated, FP8_W=w.fp8, BLOCK_SCALES=w.block, HAS_ZP=w.zero is not None,
-        QUANT_A=w.fp8 and decode, DECODE=decode, FMAX=FP8_MAX, BM=bm, BN=bn, BK=bk, DOT=dot_dtype(a),
-        num_warps=8, num_stages=3,
+        QUANT_A=w.fp8 and decode, DECODE=decode, SLOTS=slots, HAS_ADD=add is not None, FMAX=FP8_MAX, BM=bm,
+        BN=bn, BK=bk, DOT=dot_dtype(a), num_warps=8, num_stages=3,
     )
 
 
@@ -232,6 +279,10 @@ def fused_moe(
         blocks = (pair_ids, expert_ids, False)
     h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
     _launch(x, h, gate, up, blocks, topk_weights, top_k, (1, 0), bm)
+    if blocks[2]:  # decode: the down launch sums the slots, adds and casts
+        out = torch.empty_like(x)
+        _launch(h, out, down, None, blocks, topk_weights, 1, (1, 0), bm, add)
+        return out
     y = torch.empty(top_k, m, hidden, dtype=torch.float32, device=x.device)  # slot-major: pair m*k+j -> [j, m]
     _launch(h, y, down, None, blocks, topk_weights, 1, (top_k, m), bm)
     return splitk_reduce(y, x.dtype, add)  # the per-token sum over the k slots, the add and the cast

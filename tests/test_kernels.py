@@ -279,12 +279,12 @@ def test_fused_moe_bf16_io() -> None:
 
 
 @interp
-@pytest.mark.parametrize("m", [1, 21])  # decode path, grouped path
+@pytest.mark.parametrize("m", [1, 3, 21])  # decode path (16- and ragged 64-column tiles), grouped path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_moe_adds_the_shared_output(m: int, dtype: torch.dtype) -> None:
     """add [M, H] joins the slot sum in fp32 before the one rounding, as fused_moe_ref adds it (an add left
     out is |add|, O(1), off)."""
-    e, k, hidden, inter = 6, 3, 64, 64
+    e, k, hidden, inter = 6, 3, 96, 64
     w1, w3, w2 = (_experts(e, n, kk, "int4-g32", seed=s) for n, kk, s in
                   ((inter, hidden, 1), (inter, hidden, 2), (hidden, inter, 3)))
     g = torch.Generator().manual_seed(m)
