@@ -19,6 +19,7 @@ from dsq.config import Config
 from dsq.formats import FP8Channel, Scheme
 from dsq.layers import Build, Embedding, RMSNorm, fp8_input, join, project, swiglu
 from dsq.parallel import Dist
+from dsq.quant import BLOCK
 from dsq.rope import apply_rope, rope_angles, rope_frequencies
 
 
@@ -52,7 +53,9 @@ class MLA(nn.Module):
         self.o_proj = build.linear(f"{name}.o_proj", self.n_heads * cfg.v_head_dim, d)
         # derived from kv_b_proj, not checkpoint tensors: non-persistent, out of the state dict; None (no
         # buffer) where the kernels read kv_b itself
-        self.kernels = build.backend == "triton" and isinstance(self.kv_b_proj.fmt, FP8Channel)
+        fmt, p, v = self.kv_b_proj.fmt, cfg.qk_nope_head_dim, cfg.v_head_dim
+        self.kernels = build.backend == "triton" and isinstance(fmt, FP8Channel) and (
+            not fmt.block or (p % BLOCK == 0 and v % BLOCK == 0))  # block scales split per head's halves
         for buf, rows in (("w_uk", cfg.qk_nope_head_dim), ("w_uv", cfg.v_head_dim)):
             w = None if self.kernels else torch.empty(self.n_heads, rows, cfg.kv_lora_rank, dtype=dtype)
             self.register_buffer(buf, w, persistent=False)
@@ -61,10 +64,16 @@ class MLA(nn.Module):
         """Lay out W_UK and W_UV from this rank's kv_b_proj rows (its heads); call once its tensors are in."""
         if self.kernels:
             return
-        w = self.kv_b_proj.dequantize().view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
-        uk, uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        uk, uv = self.uk_uv(self.kv_b_proj.dequantize())
         self.w_uk.copy_(uk)
         self.w_uv.copy_(uv)
+
+    def uk_uv(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b's rows per head, W_UK's then W_UV's, as [H, P, *] and [H, V, *] views of t: its weight (stored or
+        dequantized) or its scale (one per row, or one per 128 rows when P and V are whole blocks)."""
+        t = t.view(self.n_heads, -1, t.shape[-1])
+        p = t.shape[1] * self.qk_nope_head_dim // (self.qk_nope_head_dim + self.v_head_dim)
+        return t.split([p, t.shape[1] - p], dim=1)
 
     def inputs(self) -> tuple[nn.Module, ...]:
         """The projections of x: one GEMM once joined."""
@@ -120,9 +129,9 @@ class MLA(nn.Module):
         if self.kernels:
             from dsq.kernels import absorb_o, absorb_q
 
-            w = self.kv_b_proj.weight, self.kv_b_proj.weight_scale
-            o_lat = attn.decode(layer, *absorb_q(q, cos, sin, *w), self.scale)  # fp32
-            return absorb_o(o_lat, *w, self.qk_nope_head_dim, q.dtype)
+            (uk, uv), (uk_s, uv_s) = self.uk_uv(self.kv_b_proj.weight), self.uk_uv(self.kv_b_proj.weight_scale)
+            o_lat = attn.decode(layer, *absorb_q(q, cos, sin, uk, uk_s), self.scale)  # fp32
+            return absorb_o(o_lat, uv, uv_s, q.dtype)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_lat = torch.einsum("bhp,hpc->bhc", q_nope, self.w_uk)
         o_lat = attn.decode(layer, q_lat, apply_rope(q_pe, cos[:, None], sin[:, None]), self.scale)  # fp32

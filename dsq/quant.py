@@ -95,9 +95,9 @@ def _to_tiles(w: torch.Tensor) -> torch.Tensor:
     return w.view(w.shape[0] // BLOCK, BLOCK, w.shape[1] // BLOCK, BLOCK)
 
 
-def _expand_blocks(scale: torch.Tensor, shape: torch.Size | tuple[int, int]) -> torch.Tensor:
-    o, i = shape
-    return scale.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:o, :i]
+def _expand_blocks(scale: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    o, i = shape[-2:]  # of the last two dims; any leading ones (experts, heads) stay
+    return scale.repeat_interleave(BLOCK, -2).repeat_interleave(BLOCK, -1)[..., :o, :i]
 
 
 # --- INT4 --------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The absorbed MLA projections of a decode step, reading the FP8 kv_b_proj weight as stored.
 
 kv_b_proj [H * (P + V), C] holds, per head h, W_UK in rows h(P+V) .. h(P+V)+P and W_UV in the V rows after
-(DeepSeek-V2 section 2.1.2). Around the latent attention (kernels/mla_decode.py):
+(DeepSeek-V2 paper, arXiv 2405.04434, section 2.1.2). The callers pass those halves as [H, P, C] and [H, V, C]
+views of the stored tensors (dsq.model.MLA.uk_uv) with their scales, so each kernel is handed, and reads, only
+its own half. Around the latent attention (kernels/mla_decode.py):
 - absorb_q: q_lat[b, h] = q_nope[b, h] @ W_UK[h] [C] in fp32, and q_pe[b, h] roped, in one launch: the
   programs of the first latent tile also rotate the rope dims, exactly as dsq.rope.apply_rope does (fp32 ops
   in its order, FMA contraction off, rounded to q's dtype), so both outputs go to mla_decode as they are;
@@ -9,8 +11,9 @@ kv_b_proj [H * (P + V), C] holds, per head h, W_UK in rows h(P+V) .. h(P+V)+P an
 
 Each program dequantizes a weight tile in registers (fp8 x its channel [N, 1] or 128x128 block scale, in
 fp32) and multiplies it by a tile of up to 64 tokens, so the weight is read once per step and no BF16 copy of
-it exists. On the GPU the dot operands are rounded to the 16-bit model dtype, as the torch backend's BF16
-W_UK / W_UV copies are, with fp32 accumulation; under the interpreter they stay fp32.
+it exists. Block scales must not straddle heads' halves (P and V multiples of 128, as in DeepSeek-V2 and -Lite).
+On the GPU the dot operands are rounded to the 16-bit model dtype, as the torch backend's BF16 W_UK / W_UV
+copies are, with fp32 accumulation; under the interpreter they stay fp32.
 
 Not fused: the FP8 quantization of o for o_proj. Its per-token scale spans all heads, which different
 programs write; one launch would need a grid-wide barrier or one program reading all of W_UV per token.
@@ -31,18 +34,19 @@ _MAX_TOKENS = 64  # tokens per program: a decode bucket's batch in one tile, eac
 
 
 @triton.jit
-def _dequant_tile(w_ptr, s_ptr, rows, cols, mask, K, stride_s0, stride_s1, SR: tl.constexpr, SC: tl.constexpr):
-    """fp32 weight tile [rows x cols]: fp8 times its scale, scale[row // SR, col // SC] (channel: SR = SC = 1
-    with stride_s1 = 0; blocks: SR = SC = 128)."""
-    w = tl.load(w_ptr + rows.to(tl.int64) * K + cols, mask=mask, other=0.0).to(tl.float32)
+def _dequant_tile(w_ptr, s_ptr, rows, cols, mask, stride_w, stride_s0, stride_s1, SR: tl.constexpr,
+                  SC: tl.constexpr):
+    """fp32 tile [rows x cols] of one head's weight: fp8 times its scale, scale[row // SR, col // SC] (channel:
+    SR = SC = 1 with stride_s1 = 0; blocks: SR = SC = 128)."""
+    w = tl.load(w_ptr + rows.to(tl.int64) * stride_w + cols, mask=mask, other=0.0).to(tl.float32)
     return w * tl.load(s_ptr + (rows // SR) * stride_s0 + (cols // SC) * stride_s1, mask=mask, other=0.0)
 
 
 @triton.jit
-def _absorb_q_kernel(q_ptr, cos_ptr, sin_ptr, w_ptr, s_ptr, lat_ptr, pe_ptr, B, P, V, C,
-                     stride_qb, stride_qh, stride_cb, stride_s0, stride_s1, H: tl.constexpr, R: tl.constexpr,
-                     SR: tl.constexpr, SC: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr,
-                     BR: tl.constexpr, DOT: tl.constexpr):
+def _absorb_q_kernel(q_ptr, cos_ptr, sin_ptr, w_ptr, s_ptr, lat_ptr, pe_ptr, B, P, C,
+                     stride_qb, stride_qh, stride_cb, stride_wh, stride_w, stride_sh, stride_s0, stride_s1,
+                     H: tl.constexpr, R: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr, BB: tl.constexpr,
+                     BP: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, DOT: tl.constexpr):
     """One head, BC latent channels, BB tokens: q_lat tile = q_nope @ W_UK tile; latent tile 0 also ropes."""
     h = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -50,13 +54,15 @@ def _absorb_q_kernel(q_ptr, cos_ptr, sin_ptr, w_ptr, s_ptr, lat_ptr, pe_ptr, B, 
     offs_c = pid_c * BC + tl.arange(0, BC)
     b_mask, c_mask = offs_b < B, offs_c < C
     q_rows = q_ptr + offs_b.to(tl.int64)[:, None] * stride_qb + h * stride_qh
+    w_ptr += h * stride_wh
+    s_ptr += h * stride_sh
     acc = tl.zeros([BB, BC], tl.float32)
     for p0 in range(0, P, BP):
         offs_p = p0 + tl.arange(0, BP)
         p_mask = offs_p < P
         x = tl.load(q_rows + offs_p[None, :], mask=b_mask[:, None] & p_mask[None, :], other=0.0)
-        w = _dequant_tile(w_ptr, s_ptr, h * (P + V) + offs_p[:, None], offs_c[None, :],
-                          p_mask[:, None] & c_mask[None, :], C, stride_s0, stride_s1, SR, SC)
+        w = _dequant_tile(w_ptr, s_ptr, offs_p[:, None], offs_c[None, :], p_mask[:, None] & c_mask[None, :],
+                          stride_w, stride_s0, stride_s1, SR, SC)
         acc = tl.dot(x.to(DOT), w.to(DOT), acc)
     lat = lat_ptr + (offs_b.to(tl.int64)[:, None] * H + h) * C + offs_c[None, :]
     tl.store(lat, acc, mask=b_mask[:, None] & c_mask[None, :])
@@ -75,36 +81,41 @@ def _absorb_q_kernel(q_ptr, cos_ptr, sin_ptr, w_ptr, s_ptr, lat_ptr, pe_ptr, B, 
 
 
 @triton.jit
-def _absorb_o_kernel(lat_ptr, w_ptr, s_ptr, o_ptr, B, P, V, C, stride_lb, stride_lh, stride_s0, stride_s1,
-                     H: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr, BB: tl.constexpr, BV: tl.constexpr,
-                     BC: tl.constexpr, DOT: tl.constexpr):
+def _absorb_o_kernel(lat_ptr, w_ptr, s_ptr, o_ptr, B, V, C, stride_lb, stride_lh, stride_wh, stride_w, stride_sh,
+                     stride_s0, stride_s1, H: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr, BB: tl.constexpr,
+                     BV: tl.constexpr, BC: tl.constexpr, DOT: tl.constexpr):
     """One head, BV output dims, BB tokens: o tile = o_lat @ W_UV tile^T, over the latent in BC steps."""
     h = tl.program_id(0)
     offs_v = tl.program_id(1) * BV + tl.arange(0, BV)
     offs_b = tl.program_id(2) * BB + tl.arange(0, BB)
     b_mask, v_mask = offs_b < B, offs_v < V
     lat_rows = lat_ptr + offs_b.to(tl.int64)[:, None] * stride_lb + h * stride_lh
+    w_ptr += h * stride_wh
+    s_ptr += h * stride_sh
     acc = tl.zeros([BB, BV], tl.float32)
     for c0 in range(0, C, BC):
         offs_c = c0 + tl.arange(0, BC)
         c_mask = offs_c < C
         x = tl.load(lat_rows + offs_c[None, :], mask=b_mask[:, None] & c_mask[None, :], other=0.0)
-        w = _dequant_tile(w_ptr, s_ptr, h * (P + V) + P + offs_v[None, :], offs_c[:, None],
-                          c_mask[:, None] & v_mask[None, :], C, stride_s0, stride_s1, SR, SC)
+        w = _dequant_tile(w_ptr, s_ptr, offs_v[None, :], offs_c[:, None], c_mask[:, None] & v_mask[None, :],
+                          stride_w, stride_s0, stride_s1, SR, SC)
         acc = tl.dot(x.to(DOT), w.to(DOT), acc)
     o = o_ptr + offs_b.to(tl.int64)[:, None] * (H * V) + h * V + offs_v[None, :]
     tl.store(o, cast_out(acc, o_ptr.dtype.element_ty), mask=b_mask[:, None] & v_mask[None, :])
 
 
-def _weight(weight: torch.Tensor, weight_scale: torch.Tensor, heads: int) -> tuple[int, tuple[int, ...]]:
-    """Rows per head and the scale's (SR, SC, stride_s0, stride_s1) for _dequant_tile."""
-    n, _ = weight.shape
-    assert weight.dtype == FP8 and weight.is_contiguous() and n % heads == 0, (weight.dtype, tuple(weight.shape))
-    assert weight_scale.dtype == torch.float32 and weight_scale.is_contiguous(), weight_scale.dtype
-    if is_block_scale(weight, weight_scale):
-        return n // heads, (BLOCK, BLOCK, weight_scale.stride(0), 1)
-    assert weight_scale.shape == (n, 1), tuple(weight_scale.shape)
-    return n // heads, (1, 1, 1, 0)
+def _weight(weight: torch.Tensor, scale: torch.Tensor) -> tuple[int, int, int, int, int, int, int]:
+    """A head-major half of kv_b [H, N, C] (rows of a 2-D tensor, any head stride) and its scale [H, N, 1] or
+    [H, N/128, C/128] -> (stride_wh, stride_w, SR, SC, stride_sh, stride_s0, stride_s1) for _dequant_tile."""
+    h, n, c = weight.shape
+    assert weight.dtype == FP8 and weight.stride(2) == 1, (weight.dtype, weight.stride())
+    assert scale.dtype == torch.float32 and scale.dim() == 3 and scale.shape[0] == h, (scale.dtype, scale.shape)
+    strides = weight.stride(0), weight.stride(1)
+    if is_block_scale(weight, scale):
+        assert scale.shape[1:] == (triton.cdiv(n, BLOCK), triton.cdiv(c, BLOCK)) and scale.stride(2) == 1, \
+            f"block scales {tuple(scale.shape)} of a [{h}, {n}, {c}] half: one block row per 128 rows of a head"
+        return (*strides, BLOCK, BLOCK, *scale.stride())
+    return (*strides, 1, 1, scale.stride(0), scale.stride(1), 0)
 
 
 def _dot_type(t: torch.Tensor, dtype: torch.dtype) -> tl.dtype:
@@ -118,66 +129,60 @@ def _tokens(b: int) -> int:
     return min(max(triton.next_power_of_2(b), 16), _MAX_TOKENS)
 
 
-def absorb_q(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: torch.Tensor,
-             weight_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, H, P+R] (q_proj's output, any row strides), cos/sin [B, R/2] fp32, kv_b's FP8 weight [H(P+V), C]
-    and scale -> (q_lat [B, H, C] fp32, q_pe roped [B, H, R] in q's dtype), both contiguous."""
+def absorb_q(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w_uk: torch.Tensor,
+             uk_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, H, P+R] (q_proj's output, any row strides), cos/sin [B, R/2] fp32, W_UK [H, P, C] fp8 and its
+    scale -> (q_lat [B, H, C] fp32, q_pe roped [B, H, R] in q's dtype), both contiguous."""
     b, h, pr = q.shape
     r = 2 * cos.shape[1]
-    p = pr - r
-    per_head, (sr, sc, s0, s1) = _weight(weight, weight_scale, h)
-    c = weight.shape[1]
+    p, c = w_uk.shape[1:]
+    geometry = _weight(w_uk, uk_scale)
     assert q.stride(2) == 1 and q.dtype in (torch.bfloat16, torch.float16, torch.float32), (q.stride(), q.dtype)
+    assert w_uk.shape[0] == h and pr == p + r, (tuple(q.shape), tuple(w_uk.shape), r)
     for t in (cos, sin):
         assert t.shape == (b, r // 2) and t.dtype == torch.float32 and t.stride(1) == 1, "cos/sin [B, R/2] fp32"
-    assert sin.stride(0) == cos.stride(0) and 0 < p < per_head, (p, per_head)
+    assert sin.stride(0) == cos.stride(0), (sin.stride(), cos.stride())
     q_lat = torch.empty(b, h, c, dtype=torch.float32, device=q.device)
     q_pe = torch.empty(b, h, r, dtype=q.dtype, device=q.device)
     if b == 0:
         return q_lat, q_pe
     bb, bc = _tokens(b), min(max(triton.next_power_of_2(c), 16), 64)
     _absorb_q_kernel[(h, triton.cdiv(c, bc), triton.cdiv(b, bb))](
-        q, cos, sin, weight, weight_scale, q_lat, q_pe, b, p, per_head - p, c, q.stride(0), q.stride(1),
-        cos.stride(0), s0, s1, H=h, R=r, SR=sr, SC=sc, BB=bb, BP=min(max(triton.next_power_of_2(p), 16), 64),
-        BC=bc, BR=triton.next_power_of_2(r // 2), DOT=_dot_type(q, q.dtype), enable_fp_fusion=False, num_warps=4)
+        q, cos, sin, w_uk, uk_scale, q_lat, q_pe, b, p, c, q.stride(0), q.stride(1), cos.stride(0), *geometry[:2],
+        *geometry[4:], H=h, R=r, SR=geometry[2], SC=geometry[3], BB=bb,
+        BP=min(max(triton.next_power_of_2(p), 16), 64), BC=bc, BR=triton.next_power_of_2(r // 2),
+        DOT=_dot_type(q, q.dtype), enable_fp_fusion=False, num_warps=4)
     return q_lat, q_pe
 
 
-def absorb_o(o_lat: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, nope: int,
-             dtype: torch.dtype) -> torch.Tensor:
-    """o_lat [B, H, C] (mla_decode's fp32 output), kv_b's FP8 weight [H(P+V), C] and scale, P = nope
-    -> o [B, H*V] in dtype, the heads' outputs side by side as o_proj takes them."""
+def absorb_o(o_lat: torch.Tensor, w_uv: torch.Tensor, uv_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """o_lat [B, H, C] (mla_decode's fp32 output), W_UV [H, V, C] fp8 and its scale -> o [B, H*V] in dtype,
+    the heads' outputs side by side as o_proj takes them."""
     b, h, c = o_lat.shape
-    per_head, (sr, sc, s0, s1) = _weight(weight, weight_scale, h)
-    v = per_head - nope
-    assert weight.shape[1] == c and 0 < nope < per_head and o_lat.stride(2) == 1, (tuple(weight.shape), nope)
+    v = w_uv.shape[1]
+    geometry = _weight(w_uv, uv_scale)
+    assert w_uv.shape[::2] == (h, c) and o_lat.stride(2) == 1, (tuple(w_uv.shape), tuple(o_lat.shape))
     assert o_lat.dtype in (torch.float32, torch.bfloat16, torch.float16), o_lat.dtype
     o = torch.empty(b, h * v, dtype=dtype, device=o_lat.device)
     if b == 0:
         return o
     bb, bv = _tokens(b), 16  # 16 output dims per program: V2-Lite's 16 x 128 at batch 1 -> 128 programs
     _absorb_o_kernel[(h, triton.cdiv(v, bv), triton.cdiv(b, bb))](
-        o_lat, weight, weight_scale, o, b, nope, v, c, o_lat.stride(0), o_lat.stride(1), s0, s1, H=h, SR=sr,
-        SC=sc, BB=bb, BV=bv, BC=min(max(triton.next_power_of_2(c), 16), 128), DOT=_dot_type(o_lat, dtype),
-        num_warps=4)
+        o_lat, w_uv, uv_scale, o, b, v, c, o_lat.stride(0), o_lat.stride(1), *geometry[:2], *geometry[4:], H=h,
+        SR=geometry[2], SC=geometry[3], BB=bb, BV=bv, BC=min(max(triton.next_power_of_2(c), 16), 128),
+        DOT=_dot_type(o_lat, dtype), num_warps=4)
     return o
 
 
-def _per_head(weight: torch.Tensor, weight_scale: torch.Tensor, heads: int) -> torch.Tensor:
-    return fp8_dequantize_weight(weight, weight_scale).view(heads, -1, weight.shape[1])
-
-
-def absorb_q_ref(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, weight: torch.Tensor,
-                 weight_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def absorb_q_ref(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w_uk: torch.Tensor,
+                 uk_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """absorb_q in torch, fp32 products of the dequantized weight; the rope is dsq.rope.apply_rope."""
-    p = q.shape[2] - 2 * cos.shape[1]
-    w_uk = _per_head(weight, weight_scale, q.shape[1])[:, :p]
-    q_nope, q_pe = q.split([p, q.shape[2] - p], dim=-1)
-    return torch.einsum("bhp,hpc->bhc", q_nope.float(), w_uk), apply_rope(q_pe, cos[:, None], sin[:, None])
+    q_nope, q_pe = q.split([w_uk.shape[1], q.shape[2] - w_uk.shape[1]], dim=-1)
+    uk = fp8_dequantize_weight(w_uk, uk_scale)
+    return torch.einsum("bhp,hpc->bhc", q_nope.float(), uk), apply_rope(q_pe, cos[:, None], sin[:, None])
 
 
-def absorb_o_ref(o_lat: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, nope: int,
-                 dtype: torch.dtype) -> torch.Tensor:
+def absorb_o_ref(o_lat: torch.Tensor, w_uv: torch.Tensor, uv_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """absorb_o in torch, fp32 products of the dequantized weight."""
-    w_uv = _per_head(weight, weight_scale, o_lat.shape[1])[:, nope:]
-    return torch.einsum("bhc,hvc->bhv", o_lat.float(), w_uv).flatten(1).to(dtype)
+    uv = fp8_dequantize_weight(w_uv, uv_scale)
+    return torch.einsum("bhc,hvc->bhv", o_lat.float(), uv).flatten(1).to(dtype)

@@ -95,13 +95,14 @@ def launch_all() -> None:
                           torch.ones(b, dtype=torch.int32), 0.1, max_seq_len=context)
     # the absorbed projections around it, reading kv_b's FP8 weight (channel or block scales): q from q_proj's
     # output rows, o_lat as mla_decode returns it
-    kv_b = (HEADS * (NOPE + V_DIM), KV_LORA)
     for b, block in itertools.product(DECODE_M, (False, True)):
-        w = torch.empty(kv_b, dtype=fp8)
-        scale = torch.empty(kv_b[0] // 128, kv_b[1] // 128) if block else torch.empty(kv_b[0], 1)
+        w = torch.empty(HEADS, NOPE + V_DIM, KV_LORA, dtype=fp8)  # kv_b's rows per head, as dsq.model.MLA.uk_uv
+        scale = torch.empty(HEADS, 2, KV_LORA // 128) if block else torch.empty(HEADS, NOPE + V_DIM, 1)
+        rows = scale.shape[1] * NOPE // (NOPE + V_DIM)
+        (uk, uv), (uk_s, uv_s) = w.split([NOPE, V_DIM], 1), scale.split([rows, scale.shape[1] - rows], 1)
         ma.absorb_q(x(b, HEADS * (NOPE + ROPE)).view(b, HEADS, -1), torch.empty(b, ROPE // 2),
-                    torch.empty(b, ROPE // 2), w, scale)
-        ma.absorb_o(torch.empty(b, HEADS, KV_LORA), w, scale, NOPE, bf16)
+                    torch.empty(b, ROPE // 2), uk, uk_s)
+        ma.absorb_o(torch.empty(b, HEADS, KV_LORA), uv, uv_s, bf16)
 
 
 def _experts(fmt: str, n: int, k: int) -> dict:

@@ -27,12 +27,13 @@ interp = pytest.mark.skipif(CUDA, reason="interpreter test (fp32 bounds); the gp
 U = 2.0**-24  # fp32 unit roundoff
 U_BF16 = 2.0**-9  # bf16 unit roundoff
 
-# b, h, nope, rope, v, c, block: ragged P, V, C (block scales across heads and a partial last block column),
-# a rope of 5 pairs, more tokens than one 64-token tile
+# b, h, nope, rope, v, c, block: ragged P, V, C (and a partial last block column), a rope of 5 pairs, more
+# tokens than one 64-token tile; block scales with P and V whole blocks (as MLA requires of them)
 CASES = [
     (1, 2, 16, 16, 16, 32, False),
-    (3, 3, 24, 10, 40, 200, True),
+    (3, 3, 24, 10, 40, 200, False),
     (70, 2, 24, 8, 8, 48, False),
+    (3, 2, 128, 10, 256, 200, True),
     (5, 4, 128, 64, 128, 160, True),  # V2-Lite's head dims: one 128x128 block row per W_UK / W_UV
 ]
 
@@ -41,6 +42,15 @@ def _kv_b(h: int, nope: int, v: int, c: int, block: bool, seed: int) -> tuple[to
     w = torch.randn(h * (nope + v), c, generator=torch.Generator().manual_seed(seed)) / c**0.5
     w *= torch.logspace(-1, 1, h * (nope + v))[:, None]  # rows of different scales
     return fp8_quantize_weight(w, block=block)
+
+
+def _halves(w: torch.Tensor, s: torch.Tensor, h: int, nope: int) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """((W_UK, its scale), (W_UV, its scale)): per-head [H, P, *] / [H, V, *] views of kv_b's stored tensors."""
+    rows = w.shape[0] // h
+    w3 = w.view(h, rows, -1)
+    s3 = s.view(h, -1, s.shape[-1])
+    sp = s3.shape[1] * nope // rows
+    return (w3[:, :nope], s3[:, :sp]), (w3[:, nope:], s3[:, sp:])
 
 
 def _assert_sums_close(out: torch.Tensor, ref: torch.Tensor, mag: torch.Tensor, n: int, rounded: float = 0) -> None:
@@ -66,8 +76,9 @@ def test_absorb_q(b: int, h: int, nope: int, rope: int, v: int, c: int, block: b
     q = (torch.randn(b, h * (nope + rope) + pad, generator=gen) * 3).to(dtype)[:, :h * (nope + rope)]
     q = q.view(b, h, nope + rope)
     cos, sin = _rope(b, rope, gen)
-    q_lat, q_pe = absorb_q(q, cos, sin, w, s)
-    want_lat, want_pe = absorb_q_ref(q, cos, sin, w, s)
+    uk = _halves(w, s, h, nope)[0]
+    q_lat, q_pe = absorb_q(q, cos, sin, *uk)
+    want_lat, want_pe = absorb_q_ref(q, cos, sin, *uk)
     assert q_lat.dtype == torch.float32 and q_pe.dtype == dtype and q_lat.is_contiguous() and q_pe.is_contiguous()
     assert torch.equal(q_pe, want_pe)
     w_uk = fp8_dequantize_weight(w, s).view(h, nope + v, c)[:, :nope]
@@ -81,21 +92,22 @@ def test_absorb_o(b: int, h: int, nope: int, rope: int, v: int, c: int, block: b
     gen = torch.Generator().manual_seed(b + v)
     w, s = _kv_b(h, nope, v, c, block, seed=v)
     o_lat = torch.randn(b, h, c, generator=gen)
-    o = absorb_o(o_lat, w, s, nope, torch.float32)
+    uv = _halves(w, s, h, nope)[1]
+    o = absorb_o(o_lat, *uv, torch.float32)
     assert o.shape == (b, h * v) and o.is_contiguous()
     w_uv = fp8_dequantize_weight(w, s).view(h, nope + v, c)[:, nope:]
     mag = torch.einsum("bhc,hvc->bhv", o_lat.abs(), w_uv.abs()).flatten(1)
-    _assert_sums_close(o, absorb_o_ref(o_lat, w, s, nope, torch.float32), mag, c)
+    _assert_sums_close(o, absorb_o_ref(o_lat, *uv, torch.float32), mag, c)
     # a 16-bit output is the same fp32 sums, rounded once to nearest even
-    assert torch.equal(absorb_o(o_lat, w, s, nope, torch.bfloat16), o.bfloat16())
+    assert torch.equal(absorb_o(o_lat, *uv, torch.bfloat16), o.bfloat16())
 
 
 @interp
 def test_empty_batch() -> None:
-    w, s = _kv_b(2, 16, 16, 32, False, seed=0)
-    q_lat, q_pe = absorb_q(torch.empty(0, 2, 32), torch.empty(0, 8), torch.empty(0, 8), w, s)
+    uk, uv = _halves(*_kv_b(2, 16, 16, 32, False, seed=0), 2, 16)
+    q_lat, q_pe = absorb_q(torch.empty(0, 2, 32), torch.empty(0, 8), torch.empty(0, 8), *uk)
     assert q_lat.shape == (0, 2, 32) and q_pe.shape == (0, 2, 16)
-    assert absorb_o(torch.empty(0, 2, 32), w, s, 16, torch.float32).shape == (0, 32)
+    assert absorb_o(torch.empty(0, 2, 32), *uv, torch.float32).shape == (0, 32)
 
 
 @interp
@@ -165,14 +177,15 @@ def test_gpu_absorb_v2_lite(b: int, block: bool) -> None:
     w, s = (t.cuda() for t in _kv_b(h, nope, v, c, block, seed=b))
     q = (torch.randn(b, h, nope + rope, generator=gen) * 3).bfloat16().cuda()
     cos, sin = (t.cuda() for t in _rope(b, rope, gen))
-    q_lat, q_pe = absorb_q(q, cos, sin, w, s)
-    want_lat, want_pe = absorb_q_ref(q, cos, sin, w, s)
+    uk, uv = _halves(w, s, h, nope)
+    q_lat, q_pe = absorb_q(q, cos, sin, *uk)
+    want_lat, want_pe = absorb_q_ref(q, cos, sin, *uk)
     assert torch.equal(q_pe, want_pe)
     w_per_head = fp8_dequantize_weight(w, s).view(h, nope + v, c)
     mag = torch.einsum("bhp,hpc->bhc", q[..., :nope].float().abs(), w_per_head[:, :nope].abs())
     _assert_sums_close(q_lat, want_lat, mag, nope, U_BF16)
     o_lat = torch.randn(b, h, c, generator=gen).cuda()
-    o = absorb_o(o_lat, w, s, nope, torch.float32)
+    o = absorb_o(o_lat, *uv, torch.float32)
     mag = torch.einsum("bhc,hvc->bhv", o_lat.abs(), w_per_head[:, nope:].abs()).flatten(1)
-    _assert_sums_close(o, absorb_o_ref(o_lat, w, s, nope, torch.float32), mag, c, 2 * U_BF16 + U_BF16**2)
-    assert torch.equal(absorb_o(o_lat, w, s, nope, torch.bfloat16), o.bfloat16())
+    _assert_sums_close(o, absorb_o_ref(o_lat, *uv, torch.float32), mag, c, 2 * U_BF16 + U_BF16**2)
+    assert torch.equal(absorb_o(o_lat, *uv, torch.bfloat16), o.bfloat16())
