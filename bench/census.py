@@ -16,8 +16,8 @@ and 64 and a 512-token prefill chunk:
 Triton launches are recorded, not run (no GPU here: their outputs stay unwritten, so values downstream are
 garbage, which counting does not mind), with the wrappers choosing what they would on a 132-SM H200.
 Sampling and the host's read of the sampled ids are counted with the step (outside the layers).
-The per-token figures scale the measured layers to the whole model (BRIEF's ideal: ~2.01 GB per V2-Lite token
-at batch 1).
+The per-token figures scale the measured layers to the whole model (the ideal at batch 1: ~2.04 GB per V2-Lite
+token, its 2.4B active parameters in FP8 + INT4).
 """
 
 from __future__ import annotations

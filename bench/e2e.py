@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-HBM = 4.8e12  # H200 bytes/s (BRIEF section 3)
+HBM = 4.8e12  # H200 bytes/s (NVIDIA's H200 datasheet: 4.8 TB/s HBM3e)
 
 
 def fill_random(net, std: float = 0.02, seed: int = 0) -> None:
@@ -151,7 +151,9 @@ def main() -> None:
         result[name] = r
         print(name, json.dumps(r), flush=True)
         del net
-    active = 2.01e9 if lite else 12e9  # bytes read per decoded token at batch 1 (BRIEF section 3)
+    # bytes read per decoded token at batch 1: the active parameters (2.4B / 21B, the DeepSeek-V2 paper) in
+    # FP8 + INT4 experts; bench/census.py derives V2-Lite's from the model (2.04 GB)
+    active = 2.01e9 if lite else 12e9
     roof = HBM / active
     q = result["dsq fp8+int4"]
     rows.append(f"## e2e: {args.model} on {result['gpu']} ({result['date']}, commit {result['commit']})")

@@ -3,7 +3,8 @@
 Per layer the cache is a pool of fixed-size blocks of tokens. A sequence owns a row of the block table
 [B, max_blocks] int32 (the ids of its blocks, in order) and a length in seq_lens [B] int32; token t of
 sequence b lives in slot block_table[b, t // block_size] * block_size + t % block_size. Per token the
-cache holds RMSNorm(c) [C] and the roped k_pe [R] (BRIEF section 1), in one of two layouts:
+cache holds RMSNorm(c) [C] and the roped k_pe [R] (DeepSeek-V2 paper, arXiv 2405.04434, section 2.1),
+in one of two layouts:
 
 - "fp8" (FlashMLA's FP8 layout): the latent in float8_e4m3fn with one fp32 scale per token and 128-wide
   channel group (scale = amax / 448), the rope part in bf16: 512 + 16 + 128 = 656 B per token.
@@ -94,7 +95,8 @@ def alloc_pool(num_blocks: int, block_size: int, kv_cache_dtype: str, device: to
 # op both sides round identically: the mean of squares is summed in fp64 (squares of fp32 inputs are exact
 # there, so the reduction order cannot show in the fp32 result), fp64 sqrt/div and fp32 div_rn are IEEE,
 # FMA contraction is switched off for the rope, and the fp32 -> fp8 / bf16 roundings are integer ops
-# (the interpreter's own casts are wrong, BRIEF section 5), compared against torch's casts.
+# (the interpreter's own float casts round differently from the GPU's: triton-lang/triton#8322), compared
+# against torch's casts.
 # ---------------------------------------------------------------------------------------------------------
 
 

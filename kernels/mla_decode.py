@@ -15,7 +15,8 @@ Default tile: 16 heads x 32 tokens, 8 warps, 2 stages, the largest that ptxas fi
 spills (214 registers fp8, 186 bf16; 4 warps spill). Chosen before any GPU timing: bench/mla.py times
 the alternatives.
 
-Under the Triton interpreter the dots run in fp32 (its bf16 is wrong, BRIEF section 5); on the GPU
+Under the Triton interpreter the dots run in fp32 (it computes bf16 on the bit patterns: Triton's debugging
+guide, and triton-lang/triton#11584 for tl.dot); on the GPU
 they take bf16 operands with fp32 accumulation, otherwise the code is the same.
 """
 
