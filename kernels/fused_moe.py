@@ -53,8 +53,7 @@ def _expert_dot(
     a_rows, row_mask, as_rows, w_ptr, ws_ptr, wz_ptr, v_ptr, vs_ptr, vz_ptr, offs_n, n_mask, K, GROUP,
     stride_wn, stride_sn, stride_zn, GATED: tl.constexpr, FP8_W: tl.constexpr, BLOCK_SCALES: tl.constexpr,
     HAS_ZP: tl.constexpr, QUANT_A: tl.constexpr, FMAX: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    BK: tl.constexpr, DOT: tl.constexpr,
-):
+    BK: tl.constexpr, DOT: tl.constexpr):
     """(a w^T, a v^T) in fp32 [BM, BN], scales applied, for the rows a_rows of one expert (w, v and their
     scales already offset to it; v only if GATED). FP8: a is fp8 with act_quant's scales at as_rows, or
     (QUANT_A) unquantized and quantized here."""
@@ -78,20 +77,15 @@ def _expert_dot(
                 a_s = 1.0  # applied after the loop
             acc = fp8_dot_step(acc, a, a_s, w_ptr, ws_ptr, offs_n, n_mask, t, K, stride_wn, stride_sn, BLOCK_SCALES, BK)
             if GATED:
-                acc_up = fp8_dot_step(
-                    acc_up, a, a_s, v_ptr, vs_ptr, offs_n, n_mask, t, K, stride_wn, stride_sn, BLOCK_SCALES, BK
-                )
+                acc_up = fp8_dot_step(acc_up, a, a_s, v_ptr, vs_ptr, offs_n, n_mask, t, K, stride_wn, stride_sn,
+                                      BLOCK_SCALES, BK)
         else:
             a = a.to(tl.float32).to(DOT)
-            acc += int4_dot_step(
-                a, w_ptr, ws_ptr, wz_ptr, offs_n, n_mask, t, K // 8, GROUP, stride_wn, stride_sn, stride_zn,
-                HAS_ZP, BN, BK, DOT,
-            )
+            acc += int4_dot_step(a, w_ptr, ws_ptr, wz_ptr, offs_n, n_mask, t, K // 8, GROUP, stride_wn, stride_sn,
+                                 stride_zn, HAS_ZP, BN, BK, DOT)
             if GATED:
-                acc_up += int4_dot_step(
-                    a, v_ptr, vs_ptr, vz_ptr, offs_n, n_mask, t, K // 8, GROUP, stride_wn, stride_sn,
-                    stride_zn, HAS_ZP, BN, BK, DOT,
-                )
+                acc_up += int4_dot_step(a, v_ptr, vs_ptr, vz_ptr, offs_n, n_mask, t, K // 8, GROUP, stride_wn,
+                                        stride_sn, stride_zn, HAS_ZP, BN, BK, DOT)
     if FP8_W:  # noqa: SIM102 (as above)
         if not BLOCK_SCALES:  # channel scales: token scale x channel scale, once
             if not QUANT_A:
@@ -134,10 +128,9 @@ def _moe_kernel(
             expert = tl.load(expert_ids_ptr + pair).to(tl.int64)
             acc, _ = _expert_dot(
                 a_ptr + pairs.to(tl.int64)[:, None] * stride_am, row_mask, as_ptr + pairs * stride_asm,
-                w_ptr + expert * stride_we, ws_ptr + expert * stride_se, wz_ptr + expert * stride_ze,
-                w_ptr, ws_ptr, wz_ptr, offs_n, n_mask, K, GROUP, stride_wn, stride_sn, stride_zn,
-                False, FP8_W, BLOCK_SCALES, HAS_ZP, QUANT_A, FMAX, BM, BN, BK, DOT,
-            )
+                w_ptr + expert * stride_we, ws_ptr + expert * stride_se, wz_ptr + expert * stride_ze, w_ptr, ws_ptr,
+                wz_ptr, offs_n, n_mask, K, GROUP, stride_wn, stride_sn, stride_zn, False, FP8_W, BLOCK_SCALES,
+                HAS_ZP, QUANT_A, FMAX, BM, BN, BK, DOT)
             total += acc * tl.load(topk_w_ptr + pairs, mask=row_mask, other=0.0)[:, None]
         mask = (offs == 0)[:, None] & n_mask[None, :]
         rows = (pid_m + offs * 0).to(tl.int64)[:, None] * stride_om + offs_n[None, :]
@@ -157,19 +150,15 @@ def _moe_kernel(
     acc, acc_up = _expert_dot(
         a_ptr + rows[:, None] * stride_am, row_mask, as_ptr + rows * stride_asm,
         w_ptr + expert * stride_we, ws_ptr + expert * stride_se, wz_ptr + expert * stride_ze,
-        v_ptr + expert * stride_we, vs_ptr + expert * stride_se, vz_ptr + expert * stride_ze,
-        offs_n, n_mask, K, GROUP, stride_wn, stride_sn, stride_zn,
-        GATED, FP8_W, BLOCK_SCALES, HAS_ZP, QUANT_A, FMAX, BM, BN, BK, DOT,
-    )
+        v_ptr + expert * stride_we, vs_ptr + expert * stride_se, vz_ptr + expert * stride_ze, offs_n, n_mask, K,
+        GROUP, stride_wn, stride_sn, stride_zn, GATED, FP8_W, BLOCK_SCALES, HAS_ZP, QUANT_A, FMAX, BM, BN, BK, DOT)
     if GATED:
         out = acc * tl.sigmoid(acc) * acc_up
     else:
         out = acc * tl.load(topk_w_ptr + pairs, mask=row_mask, other=0.0)[:, None]
     out_rows = (pairs % OUT_DIV) * OUT_MUL + pairs // OUT_DIV
-    tl.store(
-        out_ptr + out_rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-        cast_out(out, out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :],
-    )
+    tl.store(out_ptr + out_rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
+             cast_out(out, out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
 class _Experts(NamedTuple):
@@ -241,15 +230,9 @@ def _launch(
     )
 
 
-def fused_moe(
-    x: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    w1: dict[str, torch.Tensor],
-    w2: dict[str, torch.Tensor],
-    w3: dict[str, torch.Tensor],
-    add: torch.Tensor | None = None,
-) -> torch.Tensor:
+def fused_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w1: dict[str, torch.Tensor],
+              w2: dict[str, torch.Tensor], w3: dict[str, torch.Tensor],
+              add: torch.Tensor | None = None) -> torch.Tensor:
     """Routed experts for x [M, H]: w1 gate [E, I, H], w3 up [E, I, H], w2 down [E, H, I] -> [M, H] in x.dtype,
     plus add [M, H] (summed in fp32 before the one rounding to x.dtype).
 
@@ -296,15 +279,9 @@ def _expert_linear(x: torch.Tensor, d: dict[str, torch.Tensor], e: int) -> torch
     return x @ int4_dequantize(d["weight_packed"][e], d["weight_scale"][e], None if z is None else z[e]).t()
 
 
-def fused_moe_ref(
-    x: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    w1: dict[str, torch.Tensor],
-    w2: dict[str, torch.Tensor],
-    w3: dict[str, torch.Tensor],
-    add: torch.Tensor | None = None,
-) -> torch.Tensor:
+def fused_moe_ref(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w1: dict[str, torch.Tensor],
+                  w2: dict[str, torch.Tensor], w3: dict[str, torch.Tensor],
+                  add: torch.Tensor | None = None) -> torch.Tensor:
     """Plain-torch reference of fused_moe: a loop over experts in fp32 (h rounded to x.dtype like the
     kernel's intermediate), plus add, cast to x.dtype at the end."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
