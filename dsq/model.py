@@ -17,6 +17,8 @@ from torch.nn.attention.bias import causal_lower_right
 from dsq.cache import Attention, LatentCache
 from dsq.config import Config
 from dsq.formats import FP8Channel, Scheme
+from dsq.kernels.mla_absorb import absorb_o, absorb_q
+from dsq.kernels.mla_prefill import naive_qk, naive_qk_ref
 from dsq.layers import Build, Embedding, RMSNorm, fp8_input, join, project, swiglu
 from dsq.parallel import Dist
 from dsq.quant import BLOCK
@@ -54,7 +56,8 @@ class MLA(nn.Module):
         # derived from kv_b_proj, not checkpoint tensors: non-persistent, out of the state dict; None (no
         # buffer) where the kernels read kv_b itself
         fmt, p, v = self.kv_b_proj.fmt, cfg.qk_nope_head_dim, cfg.v_head_dim
-        self.kernels = build.backend == "triton" and isinstance(fmt, FP8Channel) and (
+        self.triton = build.backend == "triton"
+        self.kernels = self.triton and isinstance(fmt, FP8Channel) and (
             not fmt.block or (p % BLOCK == 0 and v % BLOCK == 0))  # block scales split per head's halves
         for buf, rows in (("w_uk", cfg.qk_nope_head_dim), ("w_uv", cfg.v_head_dim)):
             w = None if self.kernels else torch.empty(self.n_heads, rows, cfg.kv_lora_rank, dtype=dtype)
@@ -97,28 +100,26 @@ class MLA(nn.Module):
         o = q.new_empty(n, self.n_heads, self.v_head_dim)
         if len(rows := attn.decode_rows):
             o.flatten(1)[rows] = self._absorbed(q[rows], cos[rows], sin[rows], attn, layer)
-        q_nope, q_pe = q.split([nope, rope_dim], dim=-1)
-        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])
         for seq in attn.prefills:
             at = slice(seq.start, seq.start + seq.length)
-            if seq.fresh:
+            if seq.fresh:  # k_pe as kv_a gives it, roped with q
                 kv, k_pe = kv_a[at].split([self.kv_lora_rank, rope_dim], dim=-1)
-                kv, k_pe = self.kv_a_layernorm(kv), apply_rope(k_pe, cos[at], sin[at])
-            else:  # a chunk continuing a cached prefix: attend all of it, itself included
+                kv = self.kv_a_layernorm(kv)
+            else:  # a chunk continuing a cached prefix: attend all of it, itself included (k_pe roped)
                 kv, k_pe = attn.latents(layer, seq)
                 kv, k_pe = kv.to(x.dtype), k_pe.to(x.dtype)
-            o[at] = self._naive(q_nope[at], q_pe[at], kv, k_pe)
+            o[at] = self._naive(q[at], kv, k_pe, cos[at], sin[at], seq.fresh)
         return self.o_proj(o.flatten(1))
 
-    def _naive(self, q_nope, q_pe, kv, k_pe) -> torch.Tensor:
-        """One sequence's T queries, the last T of its S positions, against its latents kv [S, C], k_pe [S, R]:
-        K and V expanded per head from the latent. Causal aligned to the last key (query i sees keys
-        <= S - T + i) with no mask tensor, so SDPA can pick a flash or memory-efficient kernel."""
-        t, s = q_nope.shape[0], kv.shape[0]
+    def _naive(self, q, kv, k_pe, cos, sin, fresh: bool) -> torch.Tensor:
+        """One sequence's T queries q [T, H, P+R] (rope not applied yet), the last T of its S positions, against
+        its latents kv [S, C], k_pe [S, R] (unroped if fresh): K and V expanded per head from the latent. Causal
+        aligned to the last key (query i sees keys <= S - T + i) with no mask tensor, so SDPA can pick a flash
+        or memory-efficient kernel."""
+        t, s = q.shape[0], kv.shape[0]
         nope, v_dim = self.qk_nope_head_dim, self.v_head_dim
         k_nope, v = self.kv_b_proj(kv).view(s, self.n_heads, nope + v_dim).split([nope, v_dim], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1)
-        k = torch.cat([k_nope, k_pe[:, None].expand(-1, self.n_heads, -1)], dim=-1).transpose(0, 1)
+        q, k = (naive_qk if self.triton else naive_qk_ref)(q, k_nope, k_pe, cos, sin, fresh)
         causal = {"is_causal": True} if t == s else {"attn_mask": causal_lower_right(t, s)}
         o = F.scaled_dot_product_attention(q, k, v.transpose(0, 1), scale=self.scale, **causal)
         return o.transpose(0, 1)
@@ -127,8 +128,6 @@ class MLA(nn.Module):
         """The decodes' queries q [Bd, H, P+R] (rope not applied yet) attending the latent cache: W_UK folded
         into the query, W_UV after. -> [Bd, H*V]."""
         if self.kernels:
-            from dsq.kernels import absorb_o, absorb_q
-
             (uk, uv), (uk_s, uv_s) = self.uk_uv(self.kv_b_proj.weight), self.uk_uv(self.kv_b_proj.weight_scale)
             o_lat = attn.decode(layer, *absorb_q(q, cos, sin, uk, uk_s), self.scale)  # fp32
             return absorb_o(o_lat, uv, uv_s, q.dtype)

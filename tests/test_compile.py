@@ -34,7 +34,7 @@ CONTEXTS = (32, 4096, 32768)  # cache lengths: one 32-token tile (1 KV split), a
 
 KERNELS = {"_act_quant_kernel", "_fp8_gemm_kernel", "_int4_gemm_kernel", "_splitk_reduce_kernel", "_moe_kernel",
            "_cache_write_kernel", "_decode_kernel", "_reduce_kernel", "_add_rms_norm_kernel", "_router_kernel",
-           "_moe_align_kernel", "_absorb_q_kernel", "_absorb_o_kernel"}
+           "_moe_align_kernel", "_absorb_q_kernel", "_absorb_o_kernel", "_naive_qk_kernel"}
 
 
 def launch_all() -> None:
@@ -42,9 +42,9 @@ def launch_all() -> None:
     import torch
 
     kernel = lambda name: importlib.import_module("dsq.kernels." + name)  # the package attributes are the functions
-    fg, ig, fm, mc, md, nm, rt, aq, ma = (kernel(n) for n in ("fp8_gemm", "int4_gemm", "fused_moe", "mla_cache",
-                                                              "mla_decode", "norm", "router", "act_quant",
-                                                              "mla_absorb"))
+    fg, ig, fm, mc, md, nm, rt, aq, ma, mp = (kernel(n) for n in ("fp8_gemm", "int4_gemm", "fused_moe", "mla_cache",
+                                                                  "mla_decode", "norm", "router", "act_quant",
+                                                                  "mla_absorb", "mla_prefill"))
     bf16, fp8 = torch.bfloat16, torch.float8_e4m3fn
     x = lambda m, k: torch.empty(m, k, dtype=bf16)
     # the norms (hidden; V2's q_lora 1536 and hidden 5120) with the residual add, unquantized or quantized for
@@ -103,6 +103,12 @@ def launch_all() -> None:
         ma.absorb_q(x(b, HEADS * (NOPE + ROPE)).view(b, HEADS, -1), torch.empty(b, ROPE // 2),
                     torch.empty(b, ROPE // 2), uk, uk_s)
         ma.absorb_o(torch.empty(b, HEADS, KV_LORA), uv, uv_s, bf16)
+    # the naive path's q and k for a prefill chunk: fresh (k_pe roped here) or continuing a cached prefix
+    for t, s, fresh in ((PREFILL_M[0], PREFILL_M[0], True), (PREFILL_M[0], PREFILL_M[1], False)):
+        q = x(t, HEADS * (NOPE + ROPE)).view(t, HEADS, -1)
+        k_nope = x(s, HEADS * (NOPE + V_DIM)).view(s, HEADS, -1)[..., :NOPE]
+        mp.naive_qk(q, k_nope, x(s, KV_LORA + ROPE)[:, KV_LORA:], torch.empty(t, ROPE // 2), torch.empty(t, ROPE // 2),
+                    fresh)
 
 
 def _experts(fmt: str, n: int, k: int) -> dict:
