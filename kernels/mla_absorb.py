@@ -34,18 +34,17 @@ _MAX_TOKENS = 64  # tokens per program: a decode bucket's batch in one tile, eac
 
 
 @triton.jit
-def _dequant_tile(w_ptr, s_ptr, rows, cols, mask, stride_w, stride_s0, stride_s1, SR: tl.constexpr,
-                  SC: tl.constexpr):
-    """fp32 tile [rows x cols] of one head's weight: fp8 times its scale, scale[row // SR, col // SC] (channel:
-    SR = SC = 1 with stride_s1 = 0; blocks: SR = SC = 128)."""
+def _dequant_tile(w_ptr, s_ptr, rows, cols, mask, stride_w, stride_s0, stride_s1, SB: tl.constexpr):
+    """fp32 tile [rows x cols] of one head's weight: fp8 times its scale, scale[row // SB, col // SB] (channel:
+    SB = 1 with stride_s1 = 0; blocks: SB = 128)."""
     w = tl.load(w_ptr + rows.to(tl.int64) * stride_w + cols, mask=mask, other=0.0).to(tl.float32)
-    return w * tl.load(s_ptr + (rows // SR) * stride_s0 + (cols // SC) * stride_s1, mask=mask, other=0.0)
+    return w * tl.load(s_ptr + (rows // SB) * stride_s0 + (cols // SB) * stride_s1, mask=mask, other=0.0)
 
 
 @triton.jit
 def _absorb_q_kernel(q_ptr, cos_ptr, sin_ptr, w_ptr, s_ptr, lat_ptr, pe_ptr, B, P, C,
                      stride_qb, stride_qh, stride_cb, stride_wh, stride_w, stride_sh, stride_s0, stride_s1,
-                     H: tl.constexpr, R: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr, BB: tl.constexpr,
+                     H: tl.constexpr, R: tl.constexpr, SB: tl.constexpr, BB: tl.constexpr,
                      BP: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, DOT: tl.constexpr):
     """One head, BC latent channels, BB tokens: q_lat tile = q_nope @ W_UK tile; latent tile 0 also ropes."""
     h = tl.program_id(0)
@@ -62,7 +61,7 @@ def _absorb_q_kernel(q_ptr, cos_ptr, sin_ptr, w_ptr, s_ptr, lat_ptr, pe_ptr, B, 
         p_mask = offs_p < P
         x = tl.load(q_rows + offs_p[None, :], mask=b_mask[:, None] & p_mask[None, :], other=0.0)
         w = _dequant_tile(w_ptr, s_ptr, offs_p[:, None], offs_c[None, :], p_mask[:, None] & c_mask[None, :],
-                          stride_w, stride_s0, stride_s1, SR, SC)
+                          stride_w, stride_s0, stride_s1, SB)
         acc = tl.dot(x.to(DOT), w.to(DOT), acc)
     lat = lat_ptr + (offs_b.to(tl.int64)[:, None] * H + h) * C + offs_c[None, :]
     tl.store(lat, acc, mask=b_mask[:, None] & c_mask[None, :])
@@ -82,7 +81,7 @@ def _absorb_q_kernel(q_ptr, cos_ptr, sin_ptr, w_ptr, s_ptr, lat_ptr, pe_ptr, B, 
 
 @triton.jit
 def _absorb_o_kernel(lat_ptr, w_ptr, s_ptr, o_ptr, B, V, C, stride_lb, stride_lh, stride_wh, stride_w, stride_sh,
-                     stride_s0, stride_s1, H: tl.constexpr, SR: tl.constexpr, SC: tl.constexpr, BB: tl.constexpr,
+                     stride_s0, stride_s1, H: tl.constexpr, SB: tl.constexpr, BB: tl.constexpr,
                      BV: tl.constexpr, BC: tl.constexpr, DOT: tl.constexpr):
     """One head, BV output dims, BB tokens: o tile = o_lat @ W_UV tile^T, over the latent in BC steps."""
     h = tl.program_id(0)
@@ -98,24 +97,23 @@ def _absorb_o_kernel(lat_ptr, w_ptr, s_ptr, o_ptr, B, V, C, stride_lb, stride_lh
         c_mask = offs_c < C
         x = tl.load(lat_rows + offs_c[None, :], mask=b_mask[:, None] & c_mask[None, :], other=0.0)
         w = _dequant_tile(w_ptr, s_ptr, offs_v[None, :], offs_c[:, None], c_mask[:, None] & v_mask[None, :],
-                          stride_w, stride_s0, stride_s1, SR, SC)
+                          stride_w, stride_s0, stride_s1, SB)
         acc = tl.dot(x.to(DOT), w.to(DOT), acc)
     o = o_ptr + offs_b.to(tl.int64)[:, None] * (H * V) + h * V + offs_v[None, :]
     tl.store(o, cast_out(acc, o_ptr.dtype.element_ty), mask=b_mask[:, None] & v_mask[None, :])
 
 
-def _weight(weight: torch.Tensor, scale: torch.Tensor) -> tuple[int, int, int, int, int, int, int]:
+def _weight(weight: torch.Tensor, scale: torch.Tensor) -> tuple[int, tuple[int, ...]]:
     """A head-major half of kv_b [H, N, C] (rows of a 2-D tensor, any head stride) and its scale [H, N, 1] or
-    [H, N/128, C/128] -> (stride_wh, stride_w, SR, SC, stride_sh, stride_s0, stride_s1) for _dequant_tile."""
+    [H, N/128, C/128] -> (SB, (stride_wh, stride_w, stride_sh, stride_s0, stride_s1)) for _dequant_tile."""
     h, n, c = weight.shape
     assert weight.dtype == FP8 and weight.stride(2) == 1, (weight.dtype, weight.stride())
     assert scale.dtype == torch.float32 and scale.dim() == 3 and scale.shape[0] == h, (scale.dtype, scale.shape)
-    strides = weight.stride(0), weight.stride(1)
     if is_block_scale(weight, scale):
         assert scale.shape[1:] == (triton.cdiv(n, BLOCK), triton.cdiv(c, BLOCK)) and scale.stride(2) == 1, \
             f"block scales {tuple(scale.shape)} of a [{h}, {n}, {c}] half: one block row per 128 rows of a head"
-        return (*strides, BLOCK, BLOCK, *scale.stride())
-    return (*strides, 1, 1, scale.stride(0), scale.stride(1), 0)
+        return BLOCK, (weight.stride(0), weight.stride(1), *scale.stride())
+    return 1, (weight.stride(0), weight.stride(1), scale.stride(0), scale.stride(1), 0)
 
 
 def _dot_type(t: torch.Tensor, dtype: torch.dtype) -> tl.dtype:
@@ -136,7 +134,7 @@ def absorb_q(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w_uk: torch.
     b, h, pr = q.shape
     r = 2 * cos.shape[1]
     p, c = w_uk.shape[1:]
-    geometry = _weight(w_uk, uk_scale)
+    sb, strides = _weight(w_uk, uk_scale)
     assert q.stride(2) == 1 and q.dtype in (torch.bfloat16, torch.float16, torch.float32), (q.stride(), q.dtype)
     assert w_uk.shape[0] == h and pr == p + r, (tuple(q.shape), tuple(w_uk.shape), r)
     for t in (cos, sin):
@@ -148,9 +146,8 @@ def absorb_q(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w_uk: torch.
         return q_lat, q_pe
     bb, bc = _tokens(b), min(max(triton.next_power_of_2(c), 16), 64)
     _absorb_q_kernel[(h, triton.cdiv(c, bc), triton.cdiv(b, bb))](
-        q, cos, sin, w_uk, uk_scale, q_lat, q_pe, b, p, c, q.stride(0), q.stride(1), cos.stride(0), *geometry[:2],
-        *geometry[4:], H=h, R=r, SR=geometry[2], SC=geometry[3], BB=bb,
-        BP=min(max(triton.next_power_of_2(p), 16), 64), BC=bc, BR=triton.next_power_of_2(r // 2),
+        q, cos, sin, w_uk, uk_scale, q_lat, q_pe, b, p, c, q.stride(0), q.stride(1), cos.stride(0), *strides, H=h,
+        R=r, SB=sb, BB=bb, BP=min(max(triton.next_power_of_2(p), 16), 64), BC=bc, BR=triton.next_power_of_2(r // 2),
         DOT=_dot_type(q, q.dtype), enable_fp_fusion=False, num_warps=4)
     return q_lat, q_pe
 
@@ -160,7 +157,7 @@ def absorb_o(o_lat: torch.Tensor, w_uv: torch.Tensor, uv_scale: torch.Tensor, dt
     the heads' outputs side by side as o_proj takes them."""
     b, h, c = o_lat.shape
     v = w_uv.shape[1]
-    geometry = _weight(w_uv, uv_scale)
+    sb, strides = _weight(w_uv, uv_scale)
     assert w_uv.shape[::2] == (h, c) and o_lat.stride(2) == 1, (tuple(w_uv.shape), tuple(o_lat.shape))
     assert o_lat.dtype in (torch.float32, torch.bfloat16, torch.float16), o_lat.dtype
     o = torch.empty(b, h * v, dtype=dtype, device=o_lat.device)
@@ -168,9 +165,8 @@ def absorb_o(o_lat: torch.Tensor, w_uv: torch.Tensor, uv_scale: torch.Tensor, dt
         return o
     bb, bv = _tokens(b), 16  # 16 output dims per program: V2-Lite's 16 x 128 at batch 1 -> 128 programs
     _absorb_o_kernel[(h, triton.cdiv(v, bv), triton.cdiv(b, bb))](
-        o_lat, w_uv, uv_scale, o, b, v, c, o_lat.stride(0), o_lat.stride(1), *geometry[:2], *geometry[4:], H=h,
-        SR=geometry[2], SC=geometry[3], BB=bb, BV=bv, BC=min(max(triton.next_power_of_2(c), 16), 128),
-        DOT=_dot_type(o_lat, dtype), num_warps=4)
+        o_lat, w_uv, uv_scale, o, b, v, c, o_lat.stride(0), o_lat.stride(1), *strides, H=h, SB=sb, BB=bb,
+        BV=bv, BC=min(max(triton.next_power_of_2(c), 16), 128), DOT=_dot_type(o_lat, dtype), num_warps=4)
     return o
 
 
