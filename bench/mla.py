@@ -2,7 +2,10 @@
 
     python bench/mla.py [--out DIR] [--quick]
 
-For each cache layout (fp8, bf16), context (1K, 8K, 32K, 128K), batch (1, 8, 64) and head count (16 for
+First the absorbed projections around it (kernels/mla_absorb.py: q_nope W_UK with the q rope, and o_lat W_UV^T,
+reading kv_b's FP8 weight as stored) at V2-Lite's and V2's heads, batch 1/8/64, against the torch backend's
+two einsums over BF16 W_UK / W_UV copies, and kv_b's FP8 bytes per second against HBM. Then, for each cache
+layout (fp8, bf16), context (1K, 8K, 32K, 128K), batch (1, 8, 64) and head count (16 for
 V2-Lite, 128 for V2): the kernel's median time (CUDA events, L2 flushed between calls), the cache bytes
 it reads per second against the H200's 4.8 TB/s, its bf16 TFLOP/s, and the speed of the torch reference
 (gather, dequantize, matmul, softmax) where that fits in memory. Writes mla.json and mla.md into the out
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from dsq.kernels.mla_absorb import absorb_o, absorb_q
 from dsq.kernels.mla_cache import LatentPool, alloc_pool, cache_bytes_per_token
 from dsq.kernels.mla_decode import mla_decode, mla_decode_ref
 
@@ -92,8 +96,39 @@ def _measure(pool: LatentPool, kind: str, h: int, batch: int, ctx: int, iters: i
     return rec
 
 
-def _markdown(records: list[dict], sweep: list[dict]) -> str:
+def _absorb(h: int, batch: int, iters: int, flush: torch.Tensor) -> dict:
+    """absorb_q + absorb_o against the BF16 einsums of the torch backend, at DeepSeek-V2's head dims."""
+    nope, rope, v = 128, 64, 128
+    w = (torch.randn(h, nope + v, C, device="cuda") / C**0.5).to(torch.float8_e4m3fn)
+    s = torch.rand(h, nope + v, 1, device="cuda") * 1e-2
+    (uk, uv), (uk_s, uv_s) = w.split([nope, v], 1), s.split([nope, v], 1)
+    w_uk, w_uv = ((x.float() * y).bfloat16() for x, y in ((uk, uk_s), (uv, uv_s)))
+    q = torch.randn(batch, h, nope + rope, device="cuda").bfloat16()
+    cos, sin = torch.rand(batch, rope // 2, device="cuda"), torch.rand(batch, rope // 2, device="cuda")
+    o_lat = torch.randn(batch, h, C, device="cuda")
+
+    def kernels() -> None:
+        absorb_q(q, cos, sin, uk, uk_s)
+        absorb_o(o_lat, uv, uv_s, torch.bfloat16)
+
+    def einsums() -> None:
+        torch.einsum("bhp,hpc->bhc", q[..., :nope], w_uk)
+        torch.einsum("bhc,hvc->bhv", o_lat.bfloat16(), w_uv)
+
+    kernels(), einsums()  # compile
+    us, ref_us = _time_us(kernels, iters, flush), _time_us(einsums, iters, flush)
+    return {"heads": h, "batch": batch, "us": round(us, 1), "gbps": round(w.numel() / us / 1e3, 1),
+            "hbm_pct": round(100 * w.numel() / us / 1e3 / HBM_GBPS, 1), "bf16_einsum_us": round(ref_us, 1),
+            "speedup": round(ref_us / us, 2)}
+
+
+def _markdown(records: list[dict], sweep: list[dict], absorbed: list[dict]) -> str:
     lines = [
+        "# Absorbed MLA projections (bench/mla.py)", "",
+        "kv_b's FP8 weight read by absorb_q + absorb_o, against two einsums over BF16 W_UK / W_UV.", "",
+        "| heads | batch | us | GB/s | % HBM | BF16 einsums us | speedup |", "|" + " --- |" * 7,
+        *(f"| {r['heads']} | {r['batch']} | {r['us']} | {r['gbps']} | {r['hbm_pct']} | {r['bf16_einsum_us']} |"
+          f" {r['speedup']} |" for r in absorbed), "",
         "# MLA decode attention (bench/mla.py)", "",
         f"GPU: {torch.cuda.get_device_name()}. Cache bytes per token per layer: fp8 {cache_bytes_per_token('fp8')} B,"
         f" bf16 {cache_bytes_per_token('bf16')} B (all layers, fp8: V2-Lite {27 * 656 / 1e3:.1f} KB,"
@@ -128,6 +163,9 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     flush = torch.empty(64 << 20, dtype=torch.int32, device="cuda")  # 256 MB > the 50 MB L2
     records, sweep, skipped = [], [], 0
+    absorbed = [_absorb(h, batch, iters, flush) for h in heads for batch in batches]
+    for rec in absorbed:
+        print(json.dumps(rec), flush=True)
     for kind in kinds:
         pool = alloc_pool(max(batches) * max(contexts) // PAGE, PAGE, kind, "cuda")
         _fill(pool)
@@ -154,11 +192,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"gpu": torch.cuda.get_device_name(), "hbm_gbps": HBM_GBPS, "peak_tflops": PEAK_TFLOPS,
               "bytes_per_token": {k: cache_bytes_per_token(k) for k in ("fp8", "bf16")},
-              "decode": records, "tile_sweep": sweep, "skipped_for_time": skipped,
+              "absorbed": absorbed, "decode": records, "tile_sweep": sweep, "skipped_for_time": skipped,
               "seconds": round(time.time() - t0, 1)}
     (args.out / "mla.json").write_text(json.dumps(result, indent=1, default=str))
-    (args.out / "mla.md").write_text(_markdown(records, sweep))
-    print(_markdown(records, sweep))
+    (args.out / "mla.md").write_text(_markdown(records, sweep, absorbed))
+    print(_markdown(records, sweep, absorbed))
     print(f"bench/mla.py: {len(records)} shapes in {result['seconds']} s ({skipped} skipped for time) -> {args.out}")
 
 
