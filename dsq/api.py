@@ -153,6 +153,8 @@ class Model:
             stop_followers(self.net)
         if self.job is not None:
             self.job.close()
+        else:  # ranks torchrun started: they leave on their own
+            leave(ours_only=True)
 
     def __enter__(self) -> Model:
         return self

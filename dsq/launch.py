@@ -33,6 +33,7 @@ from dsq.parallel import Dist, Interrupt, open_commands, shard_plan
 
 TIMEOUT = "DSQ_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks (default 600)
 START = "DSQ_START_TIMEOUT"  # seconds ranks may take to join: default 300 for ranks `launch` starts, else 3600
+_started = False  # whether init() started the default process group, which then is dsq's to leave
 
 
 # --- joining a job -------------------------------------------------------------------------------------
@@ -43,6 +44,7 @@ def init(world: int, device: torch.device) -> tuple[int, torch.device]:
     under torchrun, whose ranks may start minutes apart; 300 s for the ranks `launch` starts here, and its
     watchdog sees one that dies first); once running, a collective waits at most $DSQ_DIST_TIMEOUT s (600).
     Returns (rank, this rank's device: cuda means cuda:LOCAL_RANK)."""
+    global _started
     if td.is_initialized():
         if td.get_world_size() != world:
             raise DsqError(f"tp={world}, but the process group has {td.get_world_size()} ranks")
@@ -64,6 +66,7 @@ def init(world: int, device: torch.device) -> tuple[int, torch.device]:
             td.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
                                   world_size=size, timeout=timedelta(seconds=timeout()),
                                   device_id=device if device.type == "cuda" else None)
+            _started = True
         except RuntimeError as e:  # torch's DistError and its store timeouts
             why = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
             raise DsqError(f"rank {os.environ.get('RANK', '?')}: the {world} ranks did not all join within "
@@ -72,12 +75,15 @@ def init(world: int, device: torch.device) -> tuple[int, torch.device]:
     return td.get_rank(), device
 
 
-def leave() -> None:
-    """A follower, once rank 0 said stop: leave the process groups before the interpreter exits, so that no
-    collective's thread outlives it (one that does aborts the exit: "terminate called without an active
-    exception", seen once on a loaded machine)."""
-    if td.is_initialized():
+def leave(ours_only: bool = False) -> None:
+    """Leave the process groups before the interpreter exits, so that no collective's thread outlives it (one
+    that does aborts the exit: "terminate called without an active exception", seen on a loaded machine): a
+    follower once rank 0 said stop; rank 0 of a torchrun job as it closes, if dsq started the group
+    (`ours_only`: a group the caller started is the caller's to end)."""
+    global _started
+    if td.is_initialized() and (_started or not ours_only):
         td.destroy_process_group()
+        _started = False
 
 
 def timeout() -> float:
