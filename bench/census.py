@@ -373,6 +373,9 @@ def main() -> None:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     a = p.parse_args()
+    # launches are recorded, never run; under the interpreter (set before dsq's kernels are imported) Triton
+    # would run them instead, at real shapes, for many minutes
+    os.environ.pop("TRITON_INTERPRET", None)
     torch.manual_seed(0)
     net = build(a.model, a.layers)
     from dsq.config import Config
