@@ -86,6 +86,36 @@ def cast_out(v, dtype: tl.constexpr):
     return v.to(dtype)
 
 
+@triton.jit
+def rope_rows(src_ptr, cos_ptr, sin_ptr, dst_ptr, rows, mask, stride_src, stride_cs, stride_dst, R: tl.constexpr,
+              BR: tl.constexpr, ROPE: tl.constexpr):
+    """dst[row, :R] = src[row, :R] with its consecutive pairs (x[2j], x[2j+1]) rotated by cos/sin[row, j]
+    (ROPE; else copied) for the int64 rows [BT] where mask: dsq.rope.apply_rope's fp32 ops in its order, rounded
+    once to dst's dtype, so the launch must turn FMA contraction off (enable_fp_fusion=False) to match it."""
+    j = tl.arange(0, BR)[None, :]
+    pair = mask[:, None] & (j < R // 2)
+    src = src_ptr + rows[:, None] * stride_src + 2 * j
+    dst = dst_ptr + rows[:, None] * stride_dst + 2 * j
+    x0 = tl.load(src, mask=pair, other=0.0)
+    x1 = tl.load(src + 1, mask=pair, other=0.0)
+    if ROPE:
+        cos = tl.load(cos_ptr + rows[:, None] * stride_cs + j, mask=pair, other=0.0)
+        sin = tl.load(sin_ptr + rows[:, None] * stride_cs + j, mask=pair, other=0.0)
+        a, b = x0.to(tl.float32), x1.to(tl.float32)
+        x0 = cast_out(a * cos - b * sin, dst_ptr.dtype.element_ty)
+        x1 = cast_out(a * sin + b * cos, dst_ptr.dtype.element_ty)
+    tl.store(dst, x0, mask=pair)
+    tl.store(dst + 1, x1, mask=pair)
+
+
+def check_rope_tables(cos: torch.Tensor, sin: torch.Tensor, rows: int, rope_dim: int) -> None:
+    """cos and sin as rope_rows reads them: [rows, R/2] fp32, unit column stride, one row stride."""
+    for t in (cos, sin):
+        assert t.shape == (rows, rope_dim // 2) and t.dtype == torch.float32 and t.stride(1) == 1, \
+            f"cos/sin must be [{rows}, {rope_dim // 2}] fp32, got {tuple(t.shape)} {t.dtype}"
+    assert cos.stride(0) == sin.stride(0), (cos.stride(), sin.stride())
+
+
 def pick_split_k(tiles: int, k_tiles: int, sms: int) -> int:
     """1 when the output tiles already cover half the SMs (a second launch costs more than it saves at
     decode sizes); else split K until about one wave of programs covers the SMs, no split left empty."""

@@ -28,7 +28,7 @@ import triton.language as tl
 from dsq.quant import BLOCK, FP8, fp8_dequantize_weight, is_block_scale
 from dsq.rope import apply_rope
 
-from .common import cast_out, interpreted
+from .common import cast_out, check_rope_tables, interpreted, rope_rows
 
 _MAX_TOKENS = 64  # tokens per program: a decode bucket's batch in one tile, each weight tile read once
 
@@ -65,18 +65,9 @@ def _absorb_q_kernel(q_ptr, cos_ptr, sin_ptr, w_ptr, s_ptr, lat_ptr, pe_ptr, B, 
         acc = tl.dot(x.to(DOT), w.to(DOT), acc)
     lat = lat_ptr + (offs_b.to(tl.int64)[:, None] * H + h) * C + offs_c[None, :]
     tl.store(lat, acc, mask=b_mask[:, None] & c_mask[None, :])
-    if pid_c == 0:  # the rope of q_pe: pairs (x[2j], x[2j+1]) at columns P.. of the head
-        j = tl.arange(0, BR)
-        mask = b_mask[:, None] & (j[None, :] < R // 2)
-        x0 = tl.load(q_rows + P + 2 * j[None, :], mask=mask, other=0.0).to(tl.float32)
-        x1 = tl.load(q_rows + P + 2 * j[None, :] + 1, mask=mask, other=0.0).to(tl.float32)
-        cs = offs_b.to(tl.int64)[:, None] * stride_cb + j[None, :]
-        cos = tl.load(cos_ptr + cs, mask=mask, other=0.0)
-        sin = tl.load(sin_ptr + cs, mask=mask, other=0.0)
-        pe = pe_ptr + (offs_b.to(tl.int64)[:, None] * H + h) * R + 2 * j[None, :]
-        out_ty = pe_ptr.dtype.element_ty
-        tl.store(pe, cast_out(x0 * cos - x1 * sin, out_ty), mask=mask)
-        tl.store(pe + 1, cast_out(x0 * sin + x1 * cos, out_ty), mask=mask)
+    if pid_c == 0:  # the rope of q_pe, at columns P.. of the head
+        rope_rows(q_ptr + h * stride_qh + P, cos_ptr, sin_ptr, pe_ptr + h * R, offs_b.to(tl.int64), b_mask,
+                  stride_qb, stride_cb, H * R, R, BR, True)
 
 
 @triton.jit
@@ -137,9 +128,7 @@ def absorb_q(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w_uk: torch.
     sb, strides = _weight(w_uk, uk_scale)
     assert q.stride(2) == 1 and q.dtype in (torch.bfloat16, torch.float16, torch.float32), (q.stride(), q.dtype)
     assert w_uk.shape[0] == h and pr == p + r, (tuple(q.shape), tuple(w_uk.shape), r)
-    for t in (cos, sin):
-        assert t.shape == (b, r // 2) and t.dtype == torch.float32 and t.stride(1) == 1, "cos/sin [B, R/2] fp32"
-    assert sin.stride(0) == cos.stride(0), (sin.stride(), cos.stride())
+    check_rope_tables(cos, sin, b, r)
     q_lat = torch.empty(b, h, c, dtype=torch.float32, device=q.device)
     q_pe = torch.empty(b, h, r, dtype=q.dtype, device=q.device)
     if b == 0:

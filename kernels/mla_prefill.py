@@ -17,30 +17,21 @@ import triton.language as tl
 
 from dsq.rope import apply_rope
 
-from .common import cast_out
+from .common import check_rope_tables, rope_rows
 
 
 @triton.jit
 def _rows(src_ptr, pe_ptr, cos_ptr, sin_ptr, out_ptr, offs, n, h, P, stride_t, stride_h, stride_pt, stride_ct,
           ROPE: tl.constexpr, R: tl.constexpr, BP: tl.constexpr, BR: tl.constexpr):
     """out[h, offs] = [src[offs, h, :P], rope?(pe[offs])] for the rows offs < n."""
-    rows = offs.to(tl.int64)[:, None]
-    mask = (offs < n)[:, None]
+    rows = offs.to(tl.int64)
+    mask = offs < n
     p = tl.arange(0, BP)[None, :]
-    out = out_ptr + (h * n + rows) * (P + R)
-    tl.store(out + p, tl.load(src_ptr + rows * stride_t + h * stride_h + p, mask=mask & (p < P)), mask=mask & (p < P))
-    j = tl.arange(0, BR)[None, :]
-    pair = mask & (j < R // 2)
-    x0 = tl.load(pe_ptr + rows * stride_pt + 2 * j, mask=pair, other=0.0)
-    x1 = tl.load(pe_ptr + rows * stride_pt + 2 * j + 1, mask=pair, other=0.0)
-    if ROPE:  # (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos) in fp32, as dsq.rope.apply_rope
-        cos = tl.load(cos_ptr + rows * stride_ct + j, mask=pair, other=0.0)
-        sin = tl.load(sin_ptr + rows * stride_ct + j, mask=pair, other=0.0)
-        a, b = x0.to(tl.float32), x1.to(tl.float32)
-        x0 = cast_out(a * cos - b * sin, out_ptr.dtype.element_ty)
-        x1 = cast_out(a * sin + b * cos, out_ptr.dtype.element_ty)
-    tl.store(out + P + 2 * j, x0, mask=pair)
-    tl.store(out + P + 2 * j + 1, x1, mask=pair)
+    out = out_ptr + h.to(tl.int64) * n * (P + R)
+    m = mask[:, None] & (p < P)
+    tl.store(out + rows[:, None] * (P + R) + p, tl.load(src_ptr + rows[:, None] * stride_t + h * stride_h + p, mask=m),
+             mask=m)
+    rope_rows(pe_ptr, cos_ptr, sin_ptr, out + P, rows, mask, stride_pt, stride_ct, P + R, R, BR, ROPE)
 
 
 @triton.jit
@@ -69,9 +60,7 @@ def naive_qk(q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, cos: tor
     assert q.stride(2) == k_nope.stride(2) == k_pe.stride(1) == 1, "the last dims must be contiguous"
     assert q.dtype == k_nope.dtype == k_pe.dtype, (q.dtype, k_nope.dtype, k_pe.dtype)
     assert t <= s and (s == t or not rope_k), f"a fresh chunk's keys are its queries: S {s}, T {t}"
-    for c in (cos, sin):
-        assert c.shape == (t, r // 2) and c.dtype == torch.float32 and c.stride(1) == 1, "cos/sin [T, R/2] fp32"
-    assert cos.stride(0) == sin.stride(0), (cos.stride(), sin.stride())
+    check_rope_tables(cos, sin, t, r)
     qo = torch.empty(h, t, d, dtype=q.dtype, device=q.device)
     ko = torch.empty(h, s, d, dtype=q.dtype, device=q.device)
     if s == 0:
