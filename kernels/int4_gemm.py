@@ -1,12 +1,12 @@
 """INT4 W4A16 GEMM over the compressed-tensors `pack-quantized` layout, dequantized in registers.
 
 out[m, n] = sum_k x[m, k] * (q[n, k] - zero[n, k // g]) * scale[n, k // g], with q stored as q + 8 in nibble
-k % 8 of int32 word k // 8 (see dsq/quant.py). The weights are read straight from the disk layout: a
-[BN, BK/8] tile of words is loaded once and spread into its nibbles in registers, so no repack is needed.
+k % 8 of int32 word k // 8 (see dsq/quant.py). The weights are read straight from the disk layout, once,
+and turned into small integers in registers (exact in bf16), so no repack is needed.
 
 A K step (BK) never straddles a scale group, so the group scale and zero point are one value per weight
-row inside a step: the kernel subtracts the zero from the small integers (exact in bf16), runs the dot,
-then scales the [BM, BN] partial result - the [BK, BN] weight tile is never multiplied by scales.
+row inside a step: the kernel runs the dot on q, then subtracts the zero times the step's activation sum
+and scales the [BM, BN] partial result - the [BK, BN] weight tile is never touched by scales or zeros.
 
 Small M has too few output tiles to keep every SM streaming weights, so K is split across programs that
 write fp32 partials, summed and cast by one small kernel (`pick_split_k`, `splitk_reduce`).
@@ -23,29 +23,78 @@ from .common import GemmConfig, cast_out, dot_dtype, pick_split_k, sm_count, spl
 
 # --- the INT4 K step, shared with the fused MoE kernel ---------------------------------------------------
 @triton.jit
+def _planes(a, KW: tl.constexpr):
+    """a [BM, 8 KW] -> its 8 nibble planes [BM, KW]: plane j holds columns 8 w + j (w < KW)."""
+    a = tl.reshape(a, [a.shape[0], KW, 2, 2, 2])  # column 8 w + 4 j2 + 2 j1 + j0 -> [m, w, j2, j1, j0]
+    a0, a1 = tl.split(a)  # j0 = 0, 1
+    a00, a01 = tl.split(a0)  # j1
+    a10, a11 = tl.split(a1)
+    p0, p4 = tl.split(a00)  # j2
+    p2, p6 = tl.split(a01)
+    p1, p5 = tl.split(a10)
+    p3, p7 = tl.split(a11)
+    return p0, p1, p2, p3, p4, p5, p6, p7
+
+
+@triton.jit
+def _signed(nib):
+    """Stored nibbles (q + 8) -> q in fp32: 0x4B000000 | nib is the fp32 2^23 + nib, so one subtraction
+    gives q without an int->float convert."""
+    return (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+
+
+@triton.jit
+def _plane_dot(acc, p, words, J: tl.constexpr, DOT: tl.constexpr):
+    """acc + p [BM, KW] @ q of nibble J of words [KW, BN]: one nibble plane as a K = KW dot."""
+    return tl.dot(p, _signed((words >> (4 * J)) & 0xF).to(DOT), acc)
+
+
+@triton.jit
 def int4_dot_step(
     a, wp_ptr, ws_ptr, wz_ptr, offs_n, n_mask, t, KW, GROUP, stride_wn, stride_sn, stride_zn,
     HAS_ZP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr,
 ):
-    """a [BM, BK] (DOT) times weight rows offs_n, columns [t*BK, (t+1)*BK), dequantized: fp32 [BM, BN]."""
+    """a [BM, BK] (DOT) times weight rows offs_n, columns [t*BK, (t+1)*BK), dequantized: fp32 [BM, BN].
+
+    The dot runs on q alone; the group's scale and zero apply to the [BM, BN] result,
+    (a q - (sum_k a) z) * s, so the weight tile is a pure function of the loaded words.
+    A step of 16 or more words per row (BK >= 128) is split into nibble planes instead of unpacking the
+    words: plane j (nibble j of every word, K columns 8 w + j) times the activation columns 8 w + j, as
+    eight dots of K = BK / 8 >= 16 (the MMA's K). The words are loaded as the dot's [K, N] operand and each
+    plane is masked out of them elementwise, so on an mma.sync kernel (the decode tiles, BM < 64) Triton
+    stages only the packed words in shared memory and dequantizes them in the MMA's register layout; the
+    activation's planes are split in registers. A shorter step unpacks [BN, BK] and runs one dot."""
     offs_w = t * (BK // 8) + tl.arange(0, BK // 8)
-    words = tl.load(
-        wp_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
-        mask=n_mask[:, None] & (offs_w[None, :] < KW), other=0,
-    )
-    nib = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF  # [BN, BK/8, 8] = q + 8
-    nib = tl.reshape(nib, [BN, BK])  # column k = 8 * word + nibble, the packing order
+    if BK >= 128:
+        words = tl.load(  # [BK/8, BN]
+            wp_ptr + offs_n[None, :] * stride_wn + offs_w[:, None],
+            mask=n_mask[None, :] & (offs_w[:, None] < KW), other=0,
+        )
+        p0, p1, p2, p3, p4, p5, p6, p7 = _planes(a, BK // 8)
+        acc = tl.zeros([a.shape[0], BN], dtype=tl.float32)
+        acc = _plane_dot(acc, p0, words, 0, DOT)
+        acc = _plane_dot(acc, p1, words, 1, DOT)
+        acc = _plane_dot(acc, p2, words, 2, DOT)
+        acc = _plane_dot(acc, p3, words, 3, DOT)
+        acc = _plane_dot(acc, p4, words, 4, DOT)
+        acc = _plane_dot(acc, p5, words, 5, DOT)
+        acc = _plane_dot(acc, p6, words, 6, DOT)
+        acc = _plane_dot(acc, p7, words, 7, DOT)
+    else:
+        words = tl.load(
+            wp_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+            mask=n_mask[:, None] & (offs_w[None, :] < KW), other=0,
+        )
+        nib = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF  # [BN, BK/8, 8]
+        nib = tl.reshape(nib, [BN, BK])  # column k = 8 * word + nibble, the packing order
+        acc = tl.dot(a, tl.trans(_signed(nib).to(DOT)))
     g = (t * BK) // GROUP
-    # 0x4B000000 | nib is the fp32 2^23 + nib, so one subtraction gives q - zero without an int->float convert
-    magic = (nib | 0x4B000000).to(tl.float32, bitcast=True)
     if HAS_ZP:  # stored zero + 8 in nibble n % 8 of word [n // 8, g]
         zw = tl.load(wz_ptr + (offs_n // 8) * stride_zn + g, mask=n_mask, other=0)
-        zero = ((zw >> ((offs_n % 8) * 4)) & 0xF).to(tl.float32)
-        w = magic - (zero + 8388608.0)[:, None]
-    else:
-        w = magic - 8388616.0
+        zero = _signed((zw >> ((offs_n % 8) * 4)) & 0xF)
+        acc -= tl.sum(a.to(tl.float32), axis=1)[:, None] * zero[None, :]
     s = tl.load(ws_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
-    return tl.dot(a, tl.trans(w.to(DOT))) * s[None, :]
+    return acc * s[None, :]
 
 
 @triton.jit

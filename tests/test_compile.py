@@ -32,6 +32,8 @@ DECODE_M = (1, 8, 16, 32, 64)  # the CUDA-graph batch buckets a decode step runs
 PREFILL_M = (512, 4096)  # a prefill chunk (generate's default chunk is 4096 tokens)
 CONTEXTS = (32, 4096, 32768)  # cache lengths: one 32-token tile (1 KV split), a few splits, many
 
+# a 16-bit tile loaded from shared memory or converted into the layout of a dot's B operand
+B_MOVE = r"(?:ttg\.local_load|ttg\.convert_layout) [^\n]*-> tensor<[^>]*x(?:bf16|f16), #ttg\.dot_op<\{opIdx = 1"
 KERNELS = {"_act_quant_kernel", "_fp8_gemm_kernel", "_int4_gemm_kernel", "_splitk_reduce_kernel", "_moe_kernel",
            "_cache_write_kernel", "_decode_kernel", "_reduce_kernel", "_add_rms_norm_kernel", "_router_kernel",
            "_moe_align_kernel", "_absorb_q_kernel", "_absorb_o_kernel", "_naive_qk_kernel"}
@@ -173,13 +175,14 @@ def compile_for_h200(shard: int, shards: int) -> None:
             registers=int(re.search(r"Used (\d+) registers", ptxas).group(1)), shared=k.metadata.shared,
             ttir_dots=len(re.findall(r"= tt\.dot ", k.asm["ttir"])), ttgir_dots=[op + "/" + enc for op, enc in dots],
             wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), mma=len(re.findall(r"\bmma\.sync", ptx)),
+            b_moves=len(re.findall(B_MOVE, ttgir)),
         )), flush=True)
 
     JITFunction.run = compile_only
-    cm, ig, fg, md, ma = (importlib.import_module("dsq.kernels." + n)
-                          for n in ("common", "int4_gemm", "fp8_gemm", "mla_decode", "mla_absorb"))
+    cm, ig, fg, fm, md, ma = (importlib.import_module("dsq.kernels." + n)
+                              for n in ("common", "int4_gemm", "fp8_gemm", "fused_moe", "mla_decode", "mla_absorb"))
     # where the wrappers ask the device: its SM count, and whether it runs compiled code (bf16 dots)
-    ig.sm_count = fg.sm_count = lambda t: H200_SMS
+    ig.sm_count = fg.sm_count = fm.sm_count = lambda t: H200_SMS
     real_splits = md.default_num_splits
     md.default_num_splits = lambda batch, heads, seq, sms, *a: real_splits(batch, heads, seq, H200_SMS, *a)
     cm.interpreted = md.interpreted = ma.interpreted = lambda t: False
@@ -206,6 +209,14 @@ def test_kernels_compile_for_an_h200_as_launched(tmp_path: Path) -> None:
         assert len(k["ttgir_dots"]) == k["ttir_dots"], what
         assert all(d.startswith("ttng.warp_group_dot") or d.endswith("/mma") for d in k["ttgir_dots"]), what
         assert (k["wgmma"] + k["mma"] > 0) == (k["ttir_dots"] > 0), what
+    # INT4 on mma.sync in 16-word K steps (the decode tiles of both INT4 kernels, zero points or not): the
+    # weight operand is dequantized from the packed words in the MMA's register layout, never moved there as a
+    # 16-bit tile through shared memory or a layout conversion (int4_dot_step)
+    planes = [k for k in kernels if k["signature"].get("wp_ptr", k["signature"].get("w_ptr")) == "*i32"
+              and k["mma"] and k["constants"]["BK"] == "128"]
+    assert {(k["kernel"], k["constants"].get("HAS_ZP")) for k in planes} >= {
+        ("_int4_gemm_kernel", "False"), ("_moe_kernel", "False"), ("_moe_kernel", "True")}
+    assert all(k["b_moves"] == 0 for k in planes), [(k["kernel"], k["constants"]) for k in planes if k["b_moves"]]
     # the launch specializations the wrappers' real arguments produce are among the compiled kernels
     sig = lambda name, arg: {k["signature"][arg] for k in kernels if k["kernel"] == name}
     assert {"constexpr", "i32"} <= sig("_fp8_gemm_kernel", "M")  # M == 1 is a constant, M > 1 is not

@@ -70,8 +70,11 @@ def _int4(n: int, k: int, group: int, symmetric: bool, device: str = "cpu", seed
 
 
 def _int4_mag(x: torch.Tensor, d: dict) -> torch.Tensor:
-    w = int4_dequantize(d["weight_packed"], d["weight_scale"], d.get("weight_zero_point"))
-    return x.float().abs() @ w.abs().t()
+    """|x| @ (|q s| + |z s|)^T: the kernel sums x q s and x z s (the zero applied after the dot, see
+    int4_dot_step), so its rounding is bounded by both sums; the reference's (|x| @ |(q - z) s|) is smaller."""
+    qs = int4_dequantize(d["weight_packed"], d["weight_scale"], None)
+    zs = qs - int4_dequantize(d["weight_packed"], d["weight_scale"], d.get("weight_zero_point"))
+    return x.float().abs() @ (qs.abs() + zs.abs()).t()
 
 
 def _fp8_mag(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block: bool) -> torch.Tensor:
@@ -117,6 +120,7 @@ INT4_CASES = [  # m, n, k, group, symmetric, forced config (None = the wrapper's
     (19, 24, 96, 32, False, None),
     (3, 24, 344, 344, True, None),  # one group per row; K = 344 is not a multiple of the 128-wide step
     (20, 72, 256, 128, False, GemmConfig(16, 64, 64, 1)),  # M over the row block, no split
+    (2, 40, 384, 128, False, None),  # zero points on the nibble-plane path (128-wide steps)
     (33, 40, 256, 64, True, GemmConfig(32, 32, 64, 3)),  # split-K with several row and column tiles
 ]
 
@@ -217,7 +221,7 @@ def _routing(m: int, e: int, k: int, seed: int, device: str = "cpu", skew: bool 
     return ids.to(device=device, dtype=torch.int32), w.to(device)
 
 
-MOE_FORMATS = ["int4-g32", "int4-g64-asym", "fp8-channel", "fp8-block"]
+MOE_FORMATS = ["int4-g32", "int4-g64-asym", "int4-g128-asym", "fp8-channel", "fp8-block"]
 
 
 def _assert_moe_close(out: torch.Tensor, ref: torch.Tensor, fmt: str, rel: float = 1e-5) -> None:
@@ -238,7 +242,8 @@ def _assert_moe_close(out: torch.Tensor, ref: torch.Tensor, fmt: str, rel: float
 @pytest.mark.parametrize("fmt", MOE_FORMATS)
 def test_fused_moe(fmt: str, m: int) -> None:
     e, k = 6, 3
-    hidden, inter = (192, 136) if fmt == "fp8-block" else (64, 128)  # fp8-block: K and N not multiples of 128
+    # fp8-block: K and N not multiples of 128; int4-g128: 128-column K steps, split into nibble planes
+    hidden, inter = {"fp8-block": (192, 136), "int4-g128-asym": (256, 128)}.get(fmt, (64, 128))
     w1, w3 = _experts(e, inter, hidden, fmt, seed=1), _experts(e, inter, hidden, fmt, seed=2)
     w2 = _experts(e, hidden, inter, fmt, seed=3)
     x = torch.randn(m, hidden, generator=torch.Generator().manual_seed(m))
