@@ -298,8 +298,8 @@ def tile_sweep(budget: float) -> list[dict]:
     rows, t0 = [], time.time()
     fp8_cfgs = [GemmConfig(16, bn, 128, split, 8, 4, stages)
                 for bn in (16, 32, 64) for split in (1, 4) for stages in (3, 5)]
-    int4_cfgs = [GemmConfig(16, bn, 128, split, 8, warps, 4)
-                 for bn in (32, 64, 128) for split in (1, 4, 8) for warps in (4, 8)]
+    int4_cfgs = [GemmConfig(16, bn, 128 * slices, split, 8, slices, 3)  # int4_dot: one warp per 128-column slice
+                 for bn in (16, 32, 64) for split in (1, 4, 8) for slices in (1, 2, 4)]
     for model, name, n, k in SWEEP_SHAPES:
         if time.time() - t0 > budget:
             break

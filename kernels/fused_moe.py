@@ -12,7 +12,8 @@ Work unit: a block of BM (token, slot) "pairs" that all go to one expert, times 
 3. the per-token sum over the k slots, plus `add` (the shared experts' output) if given, and the cast to
    x.dtype are one small launch (splitk_reduce): deterministic, and the caller's residual add is gone.
 FP8 experts quantize their activations (x, then h) per token or per 1x128 group like fp8_gemm: inside the
-kernel on the decode path, with act_quant (once per row) on the grouped path.
+kernel on the decode path, with act_quant (once per row) on the grouped path. INT4 experts run int4_dot
+(dsq.kernels.int4_gemm), with its tiles (BN, BK and warps from int4_tile).
 
 Two ways to form the blocks:
 - grouped (prefill, larger batches): `moe_align` sorts the pairs by expert and pads every expert's run to a
@@ -22,9 +23,8 @@ Two ways to form the blocks:
 - decode (M <= DECODE_MAX_TOKENS): block p is the single pair p, its expert read straight from topk_ids. No
   sorting, only the chosen experts' weights are touched, and the down launch takes one token per program
   instead: its k pairs against their experts in slot order, summed with `add` and cast in registers (the
-  sum of step 3 in the same order, without its launch or the fp32 y). Its column tiles narrow (64, 32, 16)
+  sum of step 3 in the same order, without its launch or the fp32 y). Its column tiles narrow (to 16)
   until M x tiles covers the SMs: V2-Lite's 2048 at batch 1 is 128 programs of 16 columns x 6 experts.
-  Two launches in all.
 Neither path syncs with the host or has a data-dependent shape, so both can be captured in a CUDA graph.
 """
 
@@ -42,7 +42,7 @@ from dsq.quant import BLOCK, FP8, FP8_MAX, fp8_linear, int4_dequantize, is_block
 from .act_quant import act_quant, group_scales, quantize_tile, token_scales
 from .common import cast_out, dot_dtype, sm_count, splitk_reduce
 from .fp8_gemm import fp8_dot_step
-from .int4_gemm import int4_dot_step, int4_step
+from .int4_gemm import int4_dot, int4_tile
 from .moe_align import moe_align
 
 DECODE_MAX_TOKENS = 8  # up to here one pair per block beats sorting (a guess until measured)
@@ -55,45 +55,50 @@ def _expert_dot(
     HAS_ZP: tl.constexpr, QUANT_A: tl.constexpr, FMAX: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BK: tl.constexpr, DOT: tl.constexpr):
     """(a w^T, a v^T) in fp32 [BM, BN], scales applied, for the rows a_rows of one expert (w, v and their
-    scales already offset to it; v only if GATED). FP8: a is fp8 with act_quant's scales at as_rows, or
-    (QUANT_A) unquantized and quantized here."""
+    scales already offset to it; v only if GATED): _fp8_dot, or int4_dot."""
+    if FP8_W:
+        acc, acc_up = _fp8_dot(a_rows, row_mask, as_rows, w_ptr, ws_ptr, v_ptr, vs_ptr, offs_n, n_mask, K,
+                               stride_wn, stride_sn, GATED, BLOCK_SCALES, QUANT_A, FMAX, BM, BN, BK)
+    else:
+        acc, acc_up = int4_dot(a_rows, row_mask, w_ptr, ws_ptr, wz_ptr, v_ptr, vs_ptr, vz_ptr, offs_n, n_mask, 0, K,
+                               GROUP, stride_wn, stride_sn, stride_zn, GATED, HAS_ZP, BN, BK, DOT)
+    return acc, acc_up
+
+
+@triton.jit
+def _fp8_dot(
+    a_rows, row_mask, as_rows, w_ptr, ws_ptr, v_ptr, vs_ptr, offs_n, n_mask, K, stride_wn, stride_sn,
+    GATED: tl.constexpr, BLOCK_SCALES: tl.constexpr, QUANT_A: tl.constexpr, FMAX: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr):
+    """_expert_dot for FP8: a is fp8 with act_quant's scales at as_rows, or (QUANT_A) quantized here."""
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     acc_up = tl.zeros([BM, BN], dtype=tl.float32)
     if QUANT_A:  # noqa: SIM102 (constexpr branches stay statements for Triton's compiler)
         if not BLOCK_SCALES:
-            a_s = token_scales(a_rows, row_mask, K, FMAX, BM, BK)
+            a_s = token_scales(a_rows[:, None], row_mask, K, FMAX, BM, BK)
     for t in range(0, tl.cdiv(K, BK)):
         offs_k = t * BK + tl.arange(0, BK)
-        a = tl.load(a_rows + offs_k[None, :], mask=row_mask[:, None] & (offs_k[None, :] < K), other=0.0)
-        if FP8_W:
-            if QUANT_A:
-                x = a.to(tl.float32)
-                if BLOCK_SCALES:
-                    a_s = group_scales(x, FMAX)
-                a = quantize_tile(x, a_s, FMAX)
-            elif BLOCK_SCALES:
-                a_s = tl.load(as_rows + t, mask=row_mask, other=0.0)
-            else:
-                a_s = 1.0  # applied after the loop
-            acc = fp8_dot_step(acc, a, a_s, w_ptr, ws_ptr, offs_n, n_mask, t, K, stride_wn, stride_sn, BLOCK_SCALES, BK)
-            if GATED:
-                acc_up = fp8_dot_step(acc_up, a, a_s, v_ptr, vs_ptr, offs_n, n_mask, t, K, stride_wn, stride_sn,
-                                      BLOCK_SCALES, BK)
+        a = tl.load(a_rows[:, None] + offs_k[None, :], mask=row_mask[:, None] & (offs_k[None, :] < K), other=0.0)
+        if QUANT_A:
+            x = a.to(tl.float32)
+            if BLOCK_SCALES:
+                a_s = group_scales(x, FMAX)
+            a = quantize_tile(x, a_s, FMAX)
+        elif BLOCK_SCALES:
+            a_s = tl.load(as_rows + t, mask=row_mask, other=0.0)
         else:
-            a = a.to(tl.float32).to(DOT)
-            acc += int4_dot_step(a, w_ptr, ws_ptr, wz_ptr, offs_n, n_mask, t, K // 8, GROUP, stride_wn, stride_sn,
-                                 stride_zn, HAS_ZP, BN, BK, DOT)
-            if GATED:
-                acc_up += int4_dot_step(a, v_ptr, vs_ptr, vz_ptr, offs_n, n_mask, t, K // 8, GROUP, stride_wn,
-                                        stride_sn, stride_zn, HAS_ZP, BN, BK, DOT)
-    if FP8_W:  # noqa: SIM102 (as above)
-        if not BLOCK_SCALES:  # channel scales: token scale x channel scale, once
-            if not QUANT_A:
-                a_s = tl.load(as_rows, mask=row_mask, other=0.0)
-            acc = acc * a_s[:, None] * tl.load(ws_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)[None, :]
-            if GATED:
-                w_s = tl.load(vs_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)
-                acc_up = acc_up * a_s[:, None] * w_s[None, :]
+            a_s = 1.0  # applied after the loop
+        acc = fp8_dot_step(acc, a, a_s, w_ptr, ws_ptr, offs_n, n_mask, t, K, stride_wn, stride_sn, BLOCK_SCALES, BK)
+        if GATED:
+            acc_up = fp8_dot_step(acc_up, a, a_s, v_ptr, vs_ptr, offs_n, n_mask, t, K, stride_wn, stride_sn,
+                                  BLOCK_SCALES, BK)
+    if not BLOCK_SCALES:  # channel scales: token scale x channel scale, once
+        if not QUANT_A:
+            a_s = tl.load(as_rows, mask=row_mask, other=0.0)
+        acc = acc * a_s[:, None] * tl.load(ws_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)[None, :]
+        if GATED:
+            w_s = tl.load(vs_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)
+            acc_up = acc_up * a_s[:, None] * w_s[None, :]
     return acc, acc_up
 
 
@@ -127,7 +132,7 @@ def _moe_kernel(
             row_mask = pairs < T
             expert = tl.load(expert_ids_ptr + pair).to(tl.int64)
             acc, _ = _expert_dot(
-                a_ptr + pairs.to(tl.int64)[:, None] * stride_am, row_mask, as_ptr + pairs * stride_asm,
+                a_ptr + pairs.to(tl.int64) * stride_am, row_mask, as_ptr + pairs * stride_asm,
                 w_ptr + expert * stride_we, ws_ptr + expert * stride_se, wz_ptr + expert * stride_ze, w_ptr, ws_ptr,
                 wz_ptr, offs_n, n_mask, K, GROUP, stride_wn, stride_sn, stride_zn, False, FP8_W, BLOCK_SCALES,
                 HAS_ZP, QUANT_A, FMAX, BM, BN, BK, DOT)
@@ -148,7 +153,7 @@ def _moe_kernel(
     row_mask = pairs < T
     rows = (pairs // ROW_DIV).to(tl.int64)
     acc, acc_up = _expert_dot(
-        a_ptr + rows[:, None] * stride_am, row_mask, as_ptr + rows * stride_asm,
+        a_ptr + rows * stride_am, row_mask, as_ptr + rows * stride_asm,
         w_ptr + expert * stride_we, ws_ptr + expert * stride_se, wz_ptr + expert * stride_ze,
         v_ptr + expert * stride_we, vs_ptr + expert * stride_se, vz_ptr + expert * stride_ze, offs_n, n_mask, K,
         GROUP, stride_wn, stride_sn, stride_zn, GATED, FP8_W, BLOCK_SCALES, HAS_ZP, QUANT_A, FMAX, BM, BN, BK, DOT)
@@ -206,17 +211,14 @@ def _launch(
     a_s = a  # placeholder pointer: INT4 has no activation scales, QUANT_A computes them in the kernel
     if w.fp8 and not decode:  # grouped: quantize each row once, not once per column tile
         a, a_s = act_quant(a, BLOCK if w.block else None)
-    bk = BLOCK if w.fp8 else int4_step(w.group, k, 128 if bm == 16 else 64)
-    assert w.fp8 or w.group % bk == 0 or w.group == k, f"INT4 group {w.group} must be a multiple of 16"
+    bn, bk, warps = (64, BLOCK, 8) if w.fp8 else int4_tile(w.group, k, bm)
+    assert w.fp8 or w.group % min(bk, 128) == 0 or w.group == k, f"INT4 group {w.group} must be a multiple of 16"
     gated = v is not None
     slots = topk_w.shape[1] if decode and not gated else 0
-    if slots:  # a program per token: narrower column tiles until the grid covers the SMs
-        m = topk_w.shape[0]
-        bn = next((b for b in (64, 32) if m * triton.cdiv(n, b) >= sm_count(a)), 16)
-        grid = (m, triton.cdiv(n, bn))
-    else:
-        bn = 64
-        grid = (expert_ids.numel(), triton.cdiv(n, bn))
+    programs = topk_w.shape[0] if slots else expert_ids.numel()  # slots: one per token
+    if slots:  # narrower column tiles until the grid covers the SMs
+        bn = next((b for b in (64, 32) if b <= bn and programs * triton.cdiv(n, b) >= sm_count(a)), 16)
+    grid = (programs, triton.cdiv(n, bn))
     v = v if gated else w
     z, vz = (w.zero, v.zero) if w.zero is not None else (w.w, v.w)
     _moe_kernel[grid](
@@ -226,7 +228,7 @@ def _launch(
         w.scale.stride(1), z.stride(0), z.stride(1),
         GATED=gated, FP8_W=w.fp8, BLOCK_SCALES=w.block, HAS_ZP=w.zero is not None,
         QUANT_A=w.fp8 and decode, DECODE=decode, SLOTS=slots, HAS_ADD=add is not None, FMAX=FP8_MAX, BM=bm,
-        BN=bn, BK=bk, DOT=dot_dtype(a), num_warps=8, num_stages=3,
+        BN=bn, BK=bk, DOT=dot_dtype(a), num_warps=warps, num_stages=3,
     )
 
 

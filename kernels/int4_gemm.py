@@ -21,11 +21,11 @@ import triton.language as tl
 from .common import GemmConfig, cast_out, dot_dtype, pick_split_k, sm_count, splitk_reduce, tile_ids
 
 
-# --- the INT4 K step, shared with the fused MoE kernel ---------------------------------------------------
+# --- the INT4 K loop, shared with the fused MoE kernel ---------------------------------------------------
 @triton.jit
 def _planes(a, KW: tl.constexpr):
-    """a [BM, 8 KW] -> its 8 nibble planes [BM, KW]: plane j holds columns 8 w + j (w < KW)."""
-    a = tl.reshape(a, [a.shape[0], KW, 2, 2, 2])  # column 8 w + 4 j2 + 2 j1 + j0 -> [m, w, j2, j1, j0]
+    """a [S, BM, 8 KW] -> its 8 nibble planes [S, BM, KW]: plane j holds columns 8 w + j (w < KW)."""
+    a = tl.reshape(a, [a.shape[0], a.shape[1], KW, 2, 2, 2])  # column 8 w + 4 j2 + 2 j1 + j0
     a0, a1 = tl.split(a)  # j0 = 0, 1
     a00, a01 = tl.split(a0)  # j1
     a10, a11 = tl.split(a1)
@@ -44,57 +44,114 @@ def _signed(nib):
 
 
 @triton.jit
-def _plane_dot(acc, p, words, J: tl.constexpr, DOT: tl.constexpr):
-    """acc + p [BM, KW] @ q of nibble J of words [KW, BN]: one nibble plane as a K = KW dot."""
-    return tl.dot(p, _signed((words >> (4 * J)) & 0xF).to(DOT), acc)
+def _plane_dots(p0, p1, p2, p3, p4, p5, p6, p7, words, DOT: tl.constexpr):
+    """sum_j plane j [S, BM, KW] @ q of nibble j of words [S, KW, BN]: eight K = KW dots, fp32 [S, BM, BN]."""
+    acc = tl.dot(p0, _signed(words & 0xF).to(DOT))
+    acc = tl.dot(p1, _signed((words >> 4) & 0xF).to(DOT), acc)
+    acc = tl.dot(p2, _signed((words >> 8) & 0xF).to(DOT), acc)
+    acc = tl.dot(p3, _signed((words >> 12) & 0xF).to(DOT), acc)
+    acc = tl.dot(p4, _signed((words >> 16) & 0xF).to(DOT), acc)
+    acc = tl.dot(p5, _signed((words >> 20) & 0xF).to(DOT), acc)
+    acc = tl.dot(p6, _signed((words >> 24) & 0xF).to(DOT), acc)
+    return tl.dot(p7, _signed((words >> 28) & 0xF).to(DOT), acc)
 
 
 @triton.jit
-def int4_dot_step(
-    a, wp_ptr, ws_ptr, wz_ptr, offs_n, n_mask, t, KW, GROUP, stride_wn, stride_sn, stride_zn,
-    HAS_ZP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr,
-):
-    """a [BM, BK] (DOT) times weight rows offs_n, columns [t*BK, (t+1)*BK), dequantized: fp32 [BM, BN].
+def _unpack(words, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
+    """words [BN, BK/8] -> q as the dot's [BK, BN] operand (column k = 8 * word + nibble, the packing order)."""
+    nib = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF
+    return tl.trans(_signed(tl.reshape(nib, [BN, BK])).to(DOT))
 
-    The dot runs on q alone; the group's scale and zero apply to the [BM, BN] result,
-    (a q - (sum_k a) z) * s, so the weight tile is a pure function of the loaded words.
-    A step of 16 or more words per row (BK >= 128) is split into nibble planes instead of unpacking the
-    words: plane j (nibble j of every word, K columns 8 w + j) times the activation columns 8 w + j, as
-    eight dots of K = BK / 8 >= 16 (the MMA's K). The words are loaded as the dot's [K, N] operand and each
-    plane is masked out of them elementwise, so on an mma.sync kernel (the decode tiles, BM < 64) Triton
-    stages only the packed words in shared memory and dequantizes them in the MMA's register layout; the
-    activation's planes are split in registers. A shorter step unpacks [BN, BK] and runs one dot."""
-    offs_w = t * (BK // 8) + tl.arange(0, BK // 8)
-    if BK >= 128:
-        words = tl.load(  # [BK/8, BN]
-            wp_ptr + offs_n[None, :] * stride_wn + offs_w[:, None],
-            mask=n_mask[None, :] & (offs_w[:, None] < KW), other=0,
-        )
-        p0, p1, p2, p3, p4, p5, p6, p7 = _planes(a, BK // 8)
-        acc = tl.zeros([a.shape[0], BN], dtype=tl.float32)
-        acc = _plane_dot(acc, p0, words, 0, DOT)
-        acc = _plane_dot(acc, p1, words, 1, DOT)
-        acc = _plane_dot(acc, p2, words, 2, DOT)
-        acc = _plane_dot(acc, p3, words, 3, DOT)
-        acc = _plane_dot(acc, p4, words, 4, DOT)
-        acc = _plane_dot(acc, p5, words, 5, DOT)
-        acc = _plane_dot(acc, p6, words, 6, DOT)
-        acc = _plane_dot(acc, p7, words, 7, DOT)
+
+@triton.jit
+def _group(ws_ptr, wz_ptr, offs_n, g, mask, stride_sn, stride_zn, HAS_ZP: tl.constexpr):
+    """Scale and zero point (0 without zero points) of weight rows offs_n in groups g, fp32; offs_n and g
+    broadcast against each other. The zero is stored + 8 in nibble n % 8 of word [n // 8, g]."""
+    s = tl.load(ws_ptr + offs_n * stride_sn + g, mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZP:
+        zw = tl.load(wz_ptr + (offs_n // 8) * stride_zn + g, mask=mask, other=0)
+        z = _signed((zw >> ((offs_n % 8) * 4)) & 0xF)
     else:
-        words = tl.load(
-            wp_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
-            mask=n_mask[:, None] & (offs_w[None, :] < KW), other=0,
-        )
-        nib = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF  # [BN, BK/8, 8]
-        nib = tl.reshape(nib, [BN, BK])  # column k = 8 * word + nibble, the packing order
-        acc = tl.dot(a, tl.trans(_signed(nib).to(DOT)))
-    g = (t * BK) // GROUP
-    if HAS_ZP:  # stored zero + 8 in nibble n % 8 of word [n // 8, g]
-        zw = tl.load(wz_ptr + (offs_n // 8) * stride_zn + g, mask=n_mask, other=0)
-        zero = _signed((zw >> ((offs_n % 8) * 4)) & 0xF)
-        acc -= tl.sum(a.to(tl.float32), axis=1)[:, None] * zero[None, :]
-    s = tl.load(ws_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
-    return acc * s[None, :]
+        z = tl.zeros_like(s)
+    return s, z
+
+
+@triton.jit
+def int4_dot(
+    a_rows, row_mask, w_ptr, ws_ptr, wz_ptr, v_ptr, vs_ptr, vz_ptr, offs_n, n_mask, k0, k1, GROUP,
+    stride_wn, stride_sn, stride_zn, GATED: tl.constexpr, HAS_ZP: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr, DOT: tl.constexpr,
+):
+    """(a w^T, a v^T) over columns [k0, k1), fp32 [BM, BN]: rows a_rows (BM row pointers) times weight rows
+    offs_n, dequantized; v only if GATED (gate and up then read each activation tile once).
+
+    The dots run on q alone and each group's zero and scale apply to its [BM, BN] partial sum,
+    (a q - (sum_k a) z) s, so the weight operand is a pure function of the loaded words. Two ways to run:
+    - BK = 128 S (the decode tiles; needs scale groups that are a multiple of 128 or the whole row): a step
+      is S slices of 128 columns, the batch of 3-D dots, so that with S warps each warp runs its own slice
+      and reads only its share of the activation (a 2-D tile would give every warp the whole [BM, BK]
+      operand). A slice is split into nibble planes instead of unpacking its words: plane j (nibble j of
+      every word: columns 8 w + j) times the activation's columns 8 w + j, eight K = 16 dots. The words
+      are the dots' [K, N] operand and each plane is masked out of them elementwise, so Triton stages only
+      the packed words in shared memory and dequantizes them in the MMA's register layout (the sm_90
+      compile test checks that no 16-bit weight tile is moved there). The slices' sums stay apart in an
+      [S, BM, BN] accumulator, added once at the end.
+    - BK < 128 (prefill tiles, groups of 32 or 64): each step unpacks a [BN, BK] tile for one dot."""
+    BM: tl.constexpr = a_rows.shape[0]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    acc_up = tl.zeros([BM, BN], dtype=tl.float32)
+    if BK >= 128:
+        S: tl.constexpr = BK // 128
+        sl = tl.arange(0, S)
+        acc3 = tl.zeros([S, BM, BN], dtype=tl.float32)
+        acc3_up = tl.zeros([S, BM, BN], dtype=tl.float32)
+        for k in range(k0, k1, BK):
+            cols = k + sl[:, None, None] * 128 + tl.arange(0, 128)[None, None, :]  # [S, 1, 128]
+            a = tl.load(a_rows[None, :, None] + cols, mask=row_mask[None, :, None] & (cols < k1), other=0.0)
+            a = a.to(tl.float32).to(DOT)  # [S, BM, 128]
+            p0, p1, p2, p3, p4, p5, p6, p7 = _planes(a, 16)
+            a_sum = tl.sum(a.to(tl.float32), axis=2)[:, :, None]
+            kw = k // 8 + sl[:, None, None] * 16 + tl.arange(0, 16)[None, :, None]  # [S, 16, 1] word columns
+            w_mask = (kw < k1 // 8) & n_mask[None, None, :]
+            g, g_mask = ((k + sl * 128) // GROUP)[:, None], (k + sl * 128 < k1)[:, None] & n_mask[None, :]
+            d = _plane_dots(p0, p1, p2, p3, p4, p5, p6, p7,
+                            tl.load(w_ptr + offs_n[None, None, :] * stride_wn + kw, mask=w_mask, other=0), DOT)
+            s, z = _group(ws_ptr, wz_ptr, offs_n[None, :], g, g_mask, stride_sn, stride_zn, HAS_ZP)
+            if HAS_ZP:
+                d -= a_sum * z[:, None, :]
+            acc3 += d * s[:, None, :]
+            if GATED:
+                d = _plane_dots(p0, p1, p2, p3, p4, p5, p6, p7,
+                                tl.load(v_ptr + offs_n[None, None, :] * stride_wn + kw, mask=w_mask, other=0), DOT)
+                s, z = _group(vs_ptr, vz_ptr, offs_n[None, :], g, g_mask, stride_sn, stride_zn, HAS_ZP)
+                if HAS_ZP:
+                    d -= a_sum * z[:, None, :]
+                acc3_up += d * s[:, None, :]
+        acc = tl.sum(acc3, axis=0)
+        if GATED:
+            acc_up = tl.sum(acc3_up, axis=0)
+    else:
+        for k in range(k0, k1, BK):
+            cols = k + tl.arange(0, BK)
+            a = tl.load(a_rows[:, None] + cols[None, :], mask=row_mask[:, None] & (cols[None, :] < k1), other=0.0)
+            a = a.to(tl.float32).to(DOT)
+            a_sum = tl.sum(a.to(tl.float32), axis=1)[:, None]
+            kw = k // 8 + tl.arange(0, BK // 8)
+            w_mask = n_mask[:, None] & (kw[None, :] < k1 // 8)
+            d = tl.dot(a, _unpack(tl.load(w_ptr + offs_n[:, None] * stride_wn + kw[None, :], mask=w_mask, other=0),
+                                  BN, BK, DOT))
+            s, z = _group(ws_ptr, wz_ptr, offs_n, k // GROUP, n_mask, stride_sn, stride_zn, HAS_ZP)
+            if HAS_ZP:
+                d -= a_sum * z[None, :]
+            acc += d * s[None, :]
+            if GATED:
+                d = tl.dot(a, _unpack(tl.load(v_ptr + offs_n[:, None] * stride_wn + kw[None, :], mask=w_mask,
+                                              other=0), BN, BK, DOT))
+                s, z = _group(vs_ptr, vz_ptr, offs_n, k // GROUP, n_mask, stride_sn, stride_zn, HAS_ZP)
+                if HAS_ZP:
+                    d -= a_sum * z[None, :]
+                acc_up += d * s[None, :]
+    return acc, acc_up
 
 
 @triton.jit
@@ -110,20 +167,11 @@ def _int4_gemm_kernel(
     offs_n = pid_n * BN + tl.arange(0, BN)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    k_tiles = tl.cdiv(K, BK)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t0 = tl.program_id(1) * per_split
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for t in range(t0, tl.minimum(t0 + per_split, k_tiles)):
-        offs_k = t * BK + tl.arange(0, BK)
-        a = tl.load(
-            x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
-            mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0,
-        )
-        acc += int4_dot_step(
-            a.to(tl.float32).to(DOT), wp_ptr, ws_ptr, wz_ptr, offs_n, n_mask, t, K // 8, GROUP,
-            stride_wn, stride_sn, stride_zn, HAS_ZP, BN, BK, DOT,
-        )
+    per_split = tl.cdiv(tl.cdiv(K, BK), SPLIT_K) * BK
+    k0 = tl.program_id(1) * per_split
+    acc, _ = int4_dot(x_ptr + offs_m.to(tl.int64) * stride_xm, m_mask, wp_ptr, ws_ptr, wz_ptr, wp_ptr, ws_ptr,
+                      wz_ptr, offs_n, n_mask, k0, tl.minimum(k0 + per_split, K), GROUP, stride_wn, stride_sn,
+                      stride_zn, False, HAS_ZP, BN, BK, DOT)
     out_ptr += tl.program_id(1).to(tl.int64) * M * N
     out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     tl.store(out, cast_out(acc, out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -139,18 +187,26 @@ def int4_step(group: int, k: int, cap: int = 128) -> int:
     return bk
 
 
+def int4_tile(group: int, k: int, bm: int) -> tuple[int, int, int]:
+    """(BN, BK, warps) of an INT4 tile of bm rows (int4_dot). The decode tiles (bm = 16: mma.sync, whose
+    weight operand can stay in registers) with groups that are a multiple of 128 or the whole row: S <= 4
+    slices of 128 columns, one warp each (Triton lays a 3-D dot's warps along its batch, so more warps would
+    repeat a slice), 32 columns (at 64 the gated tiles spill). Otherwise 64 columns, steps inside one group
+    (<= 64), 8 warps."""
+    if bm == 16 and (group % 128 == 0 or group >= k):
+        s = min(4, triton.next_power_of_2(triton.cdiv(k, 128)))
+        return 32, 128 * s, s
+    return 64, int4_step(group, k, 64), 8
+
+
 def int4_config(m: int, n: int, k: int, group: int, x: torch.Tensor) -> GemmConfig:
-    """Heuristic tiles, picked from sm_90 compiles (no register spills; ~128 registers at 8 warps) and not yet
-    timed on an H200. Small M streams weights: long K steps, split K; larger M: wgmma-sized row tiles."""
-    if m <= 16:
-        bm, bn, bk, stages = 16, 64, int4_step(group, k, 128), 4
-    elif m <= 128:
-        bm, bn, bk, stages = min(triton.next_power_of_2(m), 64), 64, int4_step(group, k, 64), 4
-    else:
-        bm, bn, bk, stages = 128, 64, int4_step(group, k, 64), 3
+    """Heuristic tiles, picked from sm_90 compiles (no register spills) and not yet timed on an H200. Small M
+    streams weights: long K steps, split K; larger M: wgmma-sized row tiles."""
+    bm = 16 if m <= 16 else min(triton.next_power_of_2(m), 64) if m <= 128 else 128
+    bn, bk, warps = int4_tile(group, k, bm)
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     split = pick_split_k(tiles, triton.cdiv(k, bk), sm_count(x))
-    return GemmConfig(bm, bn, bk, split, 8, 8, stages)
+    return GemmConfig(bm, bn, bk, split, 8, warps, 3 if bm == 128 or bk > 128 else 4)
 
 
 def int4_gemm(
@@ -178,7 +234,9 @@ def int4_gemm(
         assert zp.dtype == torch.int32 and zp.shape == ((n + 7) // 8, n_groups) and zp.stride(1) == 1
     cfg = config or int4_config(m, n, k, group, x)
     cfg.check()
-    assert group % cfg.bk == 0 or n_groups == 1, f"a K step of {cfg.bk} straddles groups of {group}"
+    step = 128 if cfg.bk >= 128 else cfg.bk  # int4_dot: a step of 128 S is S slices of 128
+    assert cfg.bk <= 128 or cfg.bk // 128 in (2, 4), f"a K step of {cfg.bk} is not 128 x 1, 2 or 4"
+    assert group % step == 0 or n_groups == 1, f"a K step of {cfg.bk} straddles groups of {group}"
     if m == 0:
         return x.new_empty(0, n)
     split = cfg.split_k > 1

@@ -176,6 +176,7 @@ def compile_for_h200(shard: int, shards: int) -> None:
             ttir_dots=len(re.findall(r"= tt\.dot ", k.asm["ttir"])), ttgir_dots=[op + "/" + enc for op, enc in dots],
             wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), mma=len(re.findall(r"\bmma\.sync", ptx)),
             b_moves=len(re.findall(B_MOVE, ttgir)),
+            mma_warps=[json.loads(w) for w in re.findall(r"nvidia_mma<\{[^}]*warpsPerCTA = (\[[\d, ]*\])", ttgir)],
         )), flush=True)
 
     JITFunction.run = compile_only
@@ -209,14 +210,16 @@ def test_kernels_compile_for_an_h200_as_launched(tmp_path: Path) -> None:
         assert len(k["ttgir_dots"]) == k["ttir_dots"], what
         assert all(d.startswith("ttng.warp_group_dot") or d.endswith("/mma") for d in k["ttgir_dots"]), what
         assert (k["wgmma"] + k["mma"] > 0) == (k["ttir_dots"] > 0), what
-    # INT4 on mma.sync in 16-word K steps (the decode tiles of both INT4 kernels, zero points or not): the
-    # weight operand is dequantized from the packed words in the MMA's register layout, never moved there as a
-    # 16-bit tile through shared memory or a layout conversion (int4_dot_step)
+    # INT4 on mma.sync in steps of 128-column slices (the decode tiles of both INT4 kernels, zero points or
+    # not): the weight operand is dequantized from the packed words in the MMA's register layout, never moved
+    # there as a 16-bit tile through shared memory or a layout conversion, and each warp runs its own slice
+    # (warps along the 3-D dot's batch only: a warp sharing a slice would repeat its work) (int4_dot)
     planes = [k for k in kernels if k["signature"].get("wp_ptr", k["signature"].get("w_ptr")) == "*i32"
-              and k["mma"] and k["constants"]["BK"] == "128"]
+              and k["mma"] and int(k["constants"]["BK"]) >= 128]
     assert {(k["kernel"], k["constants"].get("HAS_ZP")) for k in planes} >= {
         ("_int4_gemm_kernel", "False"), ("_moe_kernel", "False"), ("_moe_kernel", "True")}
     assert all(k["b_moves"] == 0 for k in planes), [(k["kernel"], k["constants"]) for k in planes if k["b_moves"]]
+    assert all(k["mma_warps"] == [[int(k["constants"]["BK"]) // 128, 1, 1]] for k in planes)
     # the launch specializations the wrappers' real arguments produce are among the compiled kernels
     sig = lambda name, arg: {k["signature"][arg] for k in kernels if k["kernel"] == name}
     assert {"constexpr", "i32"} <= sig("_fp8_gemm_kernel", "M")  # M == 1 is a constant, M > 1 is not

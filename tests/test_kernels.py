@@ -71,7 +71,7 @@ def _int4(n: int, k: int, group: int, symmetric: bool, device: str = "cpu", seed
 
 def _int4_mag(x: torch.Tensor, d: dict) -> torch.Tensor:
     """|x| @ (|q s| + |z s|)^T: the kernel sums x q s and x z s (the zero applied after the dot, see
-    int4_dot_step), so its rounding is bounded by both sums; the reference's (|x| @ |(q - z) s|) is smaller."""
+    int4_dot), so its rounding is bounded by both sums; the reference's (|x| @ |(q - z) s|) is smaller."""
     qs = int4_dequantize(d["weight_packed"], d["weight_scale"], None)
     zs = qs - int4_dequantize(d["weight_packed"], d["weight_scale"], d.get("weight_zero_point"))
     return x.float().abs() @ (qs.abs() + zs.abs()).t()
