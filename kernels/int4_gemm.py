@@ -44,16 +44,27 @@ def _signed(nib):
 
 
 @triton.jit
+def _plane_dot(acc, p, field, E: tl.constexpr, DOT: tl.constexpr):
+    """acc + (p 2^-E) @ (q 2^E), field = a word's nibble left in place at bit E (E <= 16): 0x4B000000 | field
+    is the fp32 2^23 + (q + 8) 2^E, so one bitwise op and one subtraction give q 2^E, no shift; scaling p by
+    2^-E instead is exact, so the products are exactly p q."""
+    w = (field | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * 2.0**E)
+    return tl.dot((p.to(tl.float32) * 2.0**-E).to(DOT), w.to(DOT), acc)
+
+
+@triton.jit
 def _plane_dots(p0, p1, p2, p3, p4, p5, p6, p7, words, DOT: tl.constexpr):
-    """sum_j plane j [S, BM, KW] @ q of nibble j of words [S, KW, BN]: eight K = KW dots, fp32 [S, BM, BN]."""
-    acc = tl.dot(p0, _signed(words & 0xF).to(DOT))
-    acc = tl.dot(p1, _signed((words >> 4) & 0xF).to(DOT), acc)
-    acc = tl.dot(p2, _signed((words >> 8) & 0xF).to(DOT), acc)
-    acc = tl.dot(p3, _signed((words >> 12) & 0xF).to(DOT), acc)
-    acc = tl.dot(p4, _signed((words >> 16) & 0xF).to(DOT), acc)
-    acc = tl.dot(p5, _signed((words >> 20) & 0xF).to(DOT), acc)
-    acc = tl.dot(p6, _signed((words >> 24) & 0xF).to(DOT), acc)
-    return tl.dot(p7, _signed((words >> 28) & 0xF).to(DOT), acc)
+    """sum_j plane j [S, BM, KW] @ q of nibble j of words [S, KW, BN]: eight K = KW dots, fp32 [S, BM, BN].
+    Nibbles 0-4 are masked in place, 5-7 after one shift of the word by 12 (fp32 holds q 2^E up to E = 16)."""
+    acc = _plane_dot(tl.zeros([p0.shape[0], p0.shape[1], words.shape[2]], dtype=tl.float32), p0, words & 0xF, 0, DOT)
+    acc = _plane_dot(acc, p1, words & 0xF0, 4, DOT)
+    acc = _plane_dot(acc, p2, words & 0xF00, 8, DOT)
+    acc = _plane_dot(acc, p3, words & 0xF000, 12, DOT)
+    acc = _plane_dot(acc, p4, words & 0xF0000, 16, DOT)
+    high = words >> 12
+    acc = _plane_dot(acc, p5, high & 0xF00, 8, DOT)
+    acc = _plane_dot(acc, p6, high & 0xF000, 12, DOT)
+    return _plane_dot(acc, p7, high & 0xF0000, 16, DOT)
 
 
 @triton.jit

@@ -136,9 +136,10 @@ def test_decode_step_logits_equal_torch_backend(tmp_path, batch: int) -> None:
     """One decode step at `batch` (decodes only: the path a CUDA graph replays), then the same decodes beside
     a fresh prefill (decode rows scattered into the step): the Triton backend's logits against the torch
     backend's, within test_backends' bound for fp32 models (they differ by fp32 summation orders), row by row.
-    A sequence whose prompt already differs is left out: there one token's FP8 activation rounding or router
-    choice can flip between the backends (a discrete jump, 2e-3 in one of 192 prompt tokens at batch 64),
-    which this step's kernels do not cause."""
+    Except for discrete jumps: in any token one FP8 activation rounding or router choice can flip between the
+    backends (2e-3 in one of 192 prompt tokens, 1e-5 in a decode row, at batch 64), so at most a tenth of the
+    sequences may differ, in their prompt or their steps, and every step row of a sequence whose prompt agrees
+    stays within 2^-5 (a wrong row, slot or page is O(1) off)."""
     path = make_tiny(tmp_path, "v2")
     lens = [2 + i % 3 for i in range(batch)]  # prompt lengths; one page of 8 slots per sequence
     gen = torch.Generator().manual_seed(batch)
@@ -159,9 +160,10 @@ def test_decode_step_logits_equal_torch_backend(tmp_path, batch: int) -> None:
     rel = lambda a, b: (a - b).norm(dim=-1) / b.norm(dim=-1)
     prompt_rel = rel(logits["triton"][0], logits["torch"][0])
     same = [i for i, (s, n) in enumerate(zip(starts, lens, strict=True)) if (prompt_rel[s:s + n] < 1e-5).all()]
-    assert len(same) >= 0.9 * batch, f"{batch - len(same)} of {batch} prompts differ"
-    steps = rel(logits["triton"][1], logits["torch"][1])[same]
-    assert (steps < 1e-5).all(), steps.max()
+    steps = rel(logits["triton"][1], logits["torch"][1])[same]  # [sequences, 2]
+    jumps = int((steps >= 1e-5).any(dim=1).sum())
+    assert batch - len(same) + jumps <= batch // 10, f"{batch - len(same)} prompts and {jumps} steps of {batch} differ"
+    assert (steps < 2**-5).all(), steps.max()
 
 
 @pytest.mark.gpu
