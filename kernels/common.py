@@ -61,6 +61,12 @@ class GemmConfig:
         assert self.split_k >= 1
 
 
+def mma_warps(bm: int, bn: int, most: int) -> int:
+    """Warps for a [bm, bn] dot tile: at most one per 16 x 8 block of mma.sync, as Triton lays any more
+    over the same output (warps repeating each other's work; tests/test_compile.py checks)."""
+    return max(1, min(most, (bm // 16) * (bn // 8)))
+
+
 def interpreted(t: torch.Tensor) -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1 on CPU tensors)."""
     interp = os.environ.get("TRITON_INTERPRET") == "1"

@@ -25,7 +25,7 @@ import triton.language as tl
 from dsq.quant import BLOCK, FP8, is_block_scale
 
 from .act_quant import act_quant
-from .common import GemmConfig, cast_out, pick_split_k, sm_count, splitk_reduce, tile_ids
+from .common import GemmConfig, cast_out, mma_warps, pick_split_k, sm_count, splitk_reduce, tile_ids
 
 SMALL_M = 16  # up to here decode tiles: one 16-row tile, streaming the weights
 # Little's law: 4.8 TB/s of HBM x ~650 ns of latency / 132 SMs ~ 23 KB that each SM must have in flight
@@ -97,7 +97,7 @@ def fp8_config(m: int, n: int, k: int, x: torch.Tensor) -> GemmConfig:
     sms = sm_count(x)
     if m <= SMALL_M:
         bn = 32 if triton.cdiv(n, 32) >= sms else 16
-        bm, warps, stages = 16, 4, 1 + DECODE_BYTES_IN_FLIGHT // (bn * BLOCK)
+        bm, warps, stages = 16, mma_warps(16, bn, 4), 1 + DECODE_BYTES_IN_FLIGHT // (bn * BLOCK)
     elif m <= 64:
         bm, bn, warps, stages = triton.next_power_of_2(m), 64, 4, 4
     elif m <= 256:

@@ -40,7 +40,7 @@ import triton.language as tl
 from dsq.quant import BLOCK, FP8, FP8_MAX, fp8_linear, int4_dequantize, is_block_scale
 
 from .act_quant import act_quant, group_scales, quantize_tile, token_scales
-from .common import cast_out, dot_dtype, sm_count, splitk_reduce
+from .common import cast_out, dot_dtype, mma_warps, sm_count, splitk_reduce
 from .fp8_gemm import fp8_dot_step
 from .int4_gemm import int4_dot, int4_tile
 from .moe_align import moe_align
@@ -218,10 +218,10 @@ def _launch(
     programs = topk_w.shape[0] if slots else expert_ids.numel()  # slots: one per token
     if slots:  # narrower column tiles until the grid covers the SMs
         bn = next((b for b in (64, 32) if b <= bn and programs * triton.cdiv(n, b) >= sm_count(a)), 16)
-    grid = (programs, triton.cdiv(n, bn))
+    warps = warps if bk > 128 else mma_warps(bm, bn, warps)  # INT4 slices: one warp per slice
     v = v if gated else w
     z, vz = (w.zero, v.zero) if w.zero is not None else (w.w, v.w)
-    _moe_kernel[grid](
+    _moe_kernel[(programs, triton.cdiv(n, bn))](
         a, a_s, out, w.w, w.scale, z, v.w, v.scale, vz, pair_ids, expert_ids, topk_w, out if add is None else add,
         n, k, topk_w.numel(), row_div, *out_order, w.group,
         a.stride(0), a_s.stride(0), out.stride(-2), w.w.stride(0), w.w.stride(1), w.scale.stride(0),

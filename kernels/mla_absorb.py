@@ -28,7 +28,7 @@ import triton.language as tl
 from dsq.quant import BLOCK, FP8, fp8_dequantize_weight, is_block_scale
 from dsq.rope import apply_rope
 
-from .common import cast_out, check_rope_tables, interpreted, rope_rows
+from .common import cast_out, check_rope_tables, interpreted, mma_warps, rope_rows
 
 _MAX_TOKENS = 64  # tokens per program: a decode bucket's batch in one tile, each weight tile read once
 
@@ -155,7 +155,8 @@ def absorb_o(o_lat: torch.Tensor, w_uv: torch.Tensor, uv_scale: torch.Tensor, dt
     bb, bv = _tokens(b), 16  # 16 output dims per program: V2-Lite's 16 x 128 at batch 1 -> 128 programs
     _absorb_o_kernel[(h, triton.cdiv(v, bv), triton.cdiv(b, bb))](
         o_lat, w_uv, uv_scale, o, b, v, c, o_lat.stride(0), o_lat.stride(1), *strides, H=h, SB=sb, BB=bb,
-        BV=bv, BC=min(max(triton.next_power_of_2(c), 16), 128), DOT=_dot_type(o_lat, dtype), num_warps=4)
+        BV=bv, BC=min(max(triton.next_power_of_2(c), 16), 128), DOT=_dot_type(o_lat, dtype),
+        num_warps=mma_warps(bb, bv, 4))
     return o
 
 

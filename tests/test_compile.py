@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import json
+import math
 import os
 import re
 import subprocess
@@ -128,6 +129,20 @@ def _experts(fmt: str, n: int, k: int) -> dict:
     return d
 
 
+def warp_repeats(ttgir: str) -> int:
+    """How many warps compute each mma.sync output element (1: none repeats another's work): per dot, the
+    warps laid along a dim times the instruction's extent there, over the tile's extent, multiplied."""
+    layouts = {name: (json.loads(warps), json.loads(instr)) for name, warps, instr in re.findall(
+        r"^(#mma\d*) = #ttg\.nvidia_mma<\{versionMajor = 2[^}]*warpsPerCTA = (\[[\d, ]*\]), "
+        r"instrShape = (\[[\d, ]*\])", ttgir, re.M)}
+    worst = 1
+    for shape, name in re.findall(r"= tt\.dot [^\n]*-> tensor<([\dx]+)xf32, (#mma\d*)>", ttgir):
+        warps, instr = layouts[name]
+        dims = [int(d) for d in shape.split("x")]
+        worst = max(worst, math.prod(max(1, w * i // d) for w, i, d in zip(warps, instr, dims, strict=True)))
+    return worst
+
+
 def compile_for_h200(shard: int, shards: int) -> None:
     """Run launch_all against an sm_90 target; print the facts of every `shards`-th distinct kernel."""
     import contextlib
@@ -177,6 +192,7 @@ def compile_for_h200(shard: int, shards: int) -> None:
             wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), mma=len(re.findall(r"\bmma\.sync", ptx)),
             b_moves=len(re.findall(B_MOVE, ttgir)),
             mma_warps=[json.loads(w) for w in re.findall(r"nvidia_mma<\{[^}]*warpsPerCTA = (\[[\d, ]*\])", ttgir)],
+            warp_repeats=warp_repeats(ttgir),
         )), flush=True)
 
     JITFunction.run = compile_only
@@ -210,6 +226,10 @@ def test_kernels_compile_for_an_h200_as_launched(tmp_path: Path) -> None:
         assert len(k["ttgir_dots"]) == k["ttir_dots"], what
         assert all(d.startswith("ttng.warp_group_dot") or d.endswith("/mma") for d in k["ttgir_dots"]), what
         assert (k["wgmma"] + k["mma"] > 0) == (k["ttir_dots"] > 0), what
+        # no warp repeats another's work (kernels.common.mma_warps), except MLA decode's q k^T of a 32-token tile
+        # on the 8 warps its [16, 512] p v dot takes: 2 per column block (bench/mla.py times the alternatives,
+        # 64-token tiles and 4 warps)
+        assert k["warp_repeats"] == (2 if k["kernel"] == "_decode_kernel" else 1), what
     # INT4 on mma.sync in steps of 128-column slices (the decode tiles of both INT4 kernels, zero points or
     # not): the weight operand is dequantized from the packed words in the MMA's register layout, never moved
     # there as a 16-bit tile through shared memory or a layout conversion, and each warp runs its own slice
