@@ -53,9 +53,10 @@ def _plane_dot(acc, p, field, E: tl.constexpr, DOT: tl.constexpr):
 
 
 @triton.jit
-def _plane_dots(p0, p1, p2, p3, p4, p5, p6, p7, words, DOT: tl.constexpr):
-    """sum_j plane j [S, BM, KW] @ q of nibble j of words [S, KW, BN]: eight K = KW dots, fp32 [S, BM, BN].
+def _plane_dots(planes, words, DOT: tl.constexpr):
+    """sum_j planes[j] [S, BM, KW] @ q of nibble j of words [S, KW, BN]: eight K = KW dots, fp32 [S, BM, BN].
     Nibbles 0-4 are masked in place, 5-7 after one shift of the word by 12 (fp32 holds q 2^E up to E = 16)."""
+    p0, p1, p2, p3, p4, p5, p6, p7 = planes
     acc = _plane_dot(tl.zeros([p0.shape[0], p0.shape[1], words.shape[2]], dtype=tl.float32), p0, words & 0xF, 0, DOT)
     acc = _plane_dot(acc, p1, words & 0xF0, 4, DOT)
     acc = _plane_dot(acc, p2, words & 0xF00, 8, DOT)
@@ -75,16 +76,32 @@ def _unpack(words, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
 
 
 @triton.jit
-def _group(ws_ptr, wz_ptr, offs_n, g, mask, stride_sn, stride_zn, HAS_ZP: tl.constexpr):
-    """Scale and zero point (0 without zero points) of weight rows offs_n in groups g, fp32; offs_n and g
-    broadcast against each other. The zero is stored + 8 in nibble n % 8 of word [n // 8, g]."""
-    s = tl.load(ws_ptr + offs_n * stride_sn + g, mask=mask, other=0.0).to(tl.float32)
+def _grouped(d, a_sum, ws_ptr, wz_ptr, offs_n, g, mask, stride_sn, stride_zn, HAS_ZP: tl.constexpr):
+    """(d - a_sum z) s: d a partial sum over one scale group g of weight rows offs_n (offs_n, g and mask shaped
+    to broadcast against d), its zero point and scale applied. The zero is stored + 8 in nibble n % 8 of word
+    [n // 8, g]."""
     if HAS_ZP:
         zw = tl.load(wz_ptr + (offs_n // 8) * stride_zn + g, mask=mask, other=0)
-        z = _signed((zw >> ((offs_n % 8) * 4)) & 0xF)
-    else:
-        z = tl.zeros_like(s)
-    return s, z
+        d -= a_sum * _signed((zw >> ((offs_n % 8) * 4)) & 0xF)
+    return d * tl.load(ws_ptr + offs_n * stride_sn + g, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _slices(acc, planes, a_sum, w_ptr, ws_ptr, wz_ptr, offs_n, kw, w_mask, g, g_mask, stride_wn, stride_sn,
+            stride_zn, HAS_ZP: tl.constexpr, DOT: tl.constexpr):
+    """acc [S, BM, BN] + one step of S slices against one weight (words at columns kw [S, 16, 1])."""
+    words = tl.load(w_ptr + offs_n[None, None, :] * stride_wn + kw, mask=w_mask, other=0)
+    return acc + _grouped(_plane_dots(planes, words, DOT), a_sum, ws_ptr, wz_ptr, offs_n[None, None, :], g, g_mask,
+                          stride_sn, stride_zn, HAS_ZP)
+
+
+@triton.jit
+def _unpacked(acc, a, a_sum, w_ptr, ws_ptr, wz_ptr, offs_n, kw, w_mask, g, n_mask, stride_wn, stride_sn, stride_zn,
+              HAS_ZP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr):
+    """acc [BM, BN] + one step of BK columns (words at columns kw [BK/8]) against one weight."""
+    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + kw[None, :], mask=w_mask, other=0)
+    return acc + _grouped(tl.dot(a, _unpack(words, BN, BK, DOT)), a_sum, ws_ptr, wz_ptr, offs_n[None, :], g,
+                          n_mask[None, :], stride_sn, stride_zn, HAS_ZP)
 
 
 @triton.jit
@@ -120,24 +137,17 @@ def int4_dot(
             cols = k + sl[:, None, None] * 128 + tl.arange(0, 128)[None, None, :]  # [S, 1, 128]
             a = tl.load(a_rows[None, :, None] + cols, mask=row_mask[None, :, None] & (cols < k1), other=0.0)
             a = a.to(tl.float32).to(DOT)  # [S, BM, 128]
-            p0, p1, p2, p3, p4, p5, p6, p7 = _planes(a, 16)
+            planes = _planes(a, 16)
             a_sum = tl.sum(a.to(tl.float32), axis=2)[:, :, None]
             kw = k // 8 + sl[:, None, None] * 16 + tl.arange(0, 16)[None, :, None]  # [S, 16, 1] word columns
             w_mask = (kw < k1 // 8) & n_mask[None, None, :]
-            g, g_mask = ((k + sl * 128) // GROUP)[:, None], (k + sl * 128 < k1)[:, None] & n_mask[None, :]
-            d = _plane_dots(p0, p1, p2, p3, p4, p5, p6, p7,
-                            tl.load(w_ptr + offs_n[None, None, :] * stride_wn + kw, mask=w_mask, other=0), DOT)
-            s, z = _group(ws_ptr, wz_ptr, offs_n[None, :], g, g_mask, stride_sn, stride_zn, HAS_ZP)
-            if HAS_ZP:
-                d -= a_sum * z[:, None, :]
-            acc3 += d * s[:, None, :]
+            g = ((k + sl * 128) // GROUP)[:, None, None]  # each slice's group, its scales [S, 1, BN]
+            g_mask = (k + sl * 128 < k1)[:, None, None] & n_mask[None, None, :]
+            acc3 = _slices(acc3, planes, a_sum, w_ptr, ws_ptr, wz_ptr, offs_n, kw, w_mask, g, g_mask, stride_wn,
+                           stride_sn, stride_zn, HAS_ZP, DOT)
             if GATED:
-                d = _plane_dots(p0, p1, p2, p3, p4, p5, p6, p7,
-                                tl.load(v_ptr + offs_n[None, None, :] * stride_wn + kw, mask=w_mask, other=0), DOT)
-                s, z = _group(vs_ptr, vz_ptr, offs_n[None, :], g, g_mask, stride_sn, stride_zn, HAS_ZP)
-                if HAS_ZP:
-                    d -= a_sum * z[:, None, :]
-                acc3_up += d * s[:, None, :]
+                acc3_up = _slices(acc3_up, planes, a_sum, v_ptr, vs_ptr, vz_ptr, offs_n, kw, w_mask, g, g_mask,
+                                  stride_wn, stride_sn, stride_zn, HAS_ZP, DOT)
         acc = tl.sum(acc3, axis=0)
         if GATED:
             acc_up = tl.sum(acc3_up, axis=0)
@@ -149,19 +159,11 @@ def int4_dot(
             a_sum = tl.sum(a.to(tl.float32), axis=1)[:, None]
             kw = k // 8 + tl.arange(0, BK // 8)
             w_mask = n_mask[:, None] & (kw[None, :] < k1 // 8)
-            d = tl.dot(a, _unpack(tl.load(w_ptr + offs_n[:, None] * stride_wn + kw[None, :], mask=w_mask, other=0),
-                                  BN, BK, DOT))
-            s, z = _group(ws_ptr, wz_ptr, offs_n, k // GROUP, n_mask, stride_sn, stride_zn, HAS_ZP)
-            if HAS_ZP:
-                d -= a_sum * z[None, :]
-            acc += d * s[None, :]
+            acc = _unpacked(acc, a, a_sum, w_ptr, ws_ptr, wz_ptr, offs_n, kw, w_mask, k // GROUP, n_mask, stride_wn,
+                            stride_sn, stride_zn, HAS_ZP, BN, BK, DOT)
             if GATED:
-                d = tl.dot(a, _unpack(tl.load(v_ptr + offs_n[:, None] * stride_wn + kw[None, :], mask=w_mask,
-                                              other=0), BN, BK, DOT))
-                s, z = _group(vs_ptr, vz_ptr, offs_n, k // GROUP, n_mask, stride_sn, stride_zn, HAS_ZP)
-                if HAS_ZP:
-                    d -= a_sum * z[None, :]
-                acc_up += d * s[None, :]
+                acc_up = _unpacked(acc_up, a, a_sum, v_ptr, vs_ptr, vz_ptr, offs_n, kw, w_mask, k // GROUP, n_mask,
+                                   stride_wn, stride_sn, stride_zn, HAS_ZP, BN, BK, DOT)
     return acc, acc_up
 
 
