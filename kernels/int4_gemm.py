@@ -4,9 +4,10 @@ out[m, n] = sum_k x[m, k] * (q[n, k] - zero[n, k // g]) * scale[n, k // g], with
 k % 8 of int32 word k // 8 (see dsq/quant.py). The weights are read straight from the disk layout, once,
 and turned into small integers in registers (exact in bf16), so no repack is needed.
 
-A K step (BK) never straddles a scale group, so the group scale and zero point are one value per weight
-row inside a step: the kernel runs the dot on q, then subtracts the zero times the step's activation sum
-and scales the [BM, BN] partial result - the [BK, BN] weight tile is never touched by scales or zeros.
+A K step (or each 128-column slice of a sliced step, see int4_dot) never straddles a scale group, so the group
+scale and zero point are one value per weight row inside it: the kernel runs the dot on q, then subtracts
+the zero times the activation's sum and scales the [BM, BN] partial result - the weight operand is never
+touched by scales or zeros.
 
 Small M has too few output tiles to keep every SM streaming weights, so K is split across programs that
 write fp32 partials, summed and cast by one small kernel (`pick_split_k`, `splitk_reduce`).
@@ -190,7 +191,7 @@ def _int4_gemm_kernel(
     tl.store(out, cast_out(acc, out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def int4_step(group: int, k: int, cap: int = 128) -> int:
+def int4_step(group: int, k: int, cap: int = 64) -> int:
     """The longest K step (<= cap, >= 16) that stays inside one scale group."""
     if group >= k:  # one group per row: any step length works
         return cap
@@ -209,7 +210,7 @@ def int4_tile(group: int, k: int, bm: int) -> tuple[int, int, int]:
     if bm == 16 and (group % 128 == 0 or group >= k):
         s = min(4, triton.next_power_of_2(triton.cdiv(k, 128)))
         return 32, 128 * s, s
-    return 64, int4_step(group, k, 64), 8
+    return 64, int4_step(group, k), 8
 
 
 def int4_config(m: int, n: int, k: int, group: int, x: torch.Tensor) -> GemmConfig:
