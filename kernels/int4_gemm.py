@@ -38,19 +38,17 @@ def _planes(a, KW: tl.constexpr):
 
 
 @triton.jit
-def _signed(nib):
-    """Stored nibbles (q + 8) -> q in fp32: 0x4B000000 | nib is the fp32 2^23 + nib, so one subtraction
-    gives q without an int->float convert."""
-    return (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+def _signed(field, E: tl.constexpr = 0):
+    """q 2^E in fp32 from a stored nibble (q + 8) left in place at bit E (E <= 16): 0x4B000000 | field is the
+    fp32 2^23 + (q + 8) 2^E, so one bitwise op and one subtraction give it, no shift or int->float convert."""
+    return (field | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * 2.0**E)
 
 
 @triton.jit
 def _plane_dot(acc, p, field, E: tl.constexpr, DOT: tl.constexpr):
-    """acc + (p 2^-E) @ (q 2^E), field = a word's nibble left in place at bit E (E <= 16): 0x4B000000 | field
-    is the fp32 2^23 + (q + 8) 2^E, so one bitwise op and one subtraction give q 2^E, no shift; scaling p by
-    2^-E instead is exact, so the products are exactly p q."""
-    w = (field | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + 8.0 * 2.0**E)
-    return tl.dot((p.to(tl.float32) * 2.0**-E).to(DOT), w.to(DOT), acc)
+    """acc + (p 2^-E) @ (q 2^E) for a nibble plane left in place at bit E: scaling p by 2^-E is exact, so the
+    products are exactly p q."""
+    return tl.dot((p.to(tl.float32) * 2.0**-E).to(DOT), _signed(field, E).to(DOT), acc)
 
 
 @triton.jit
@@ -249,7 +247,7 @@ def int4_gemm(
     cfg = config or int4_config(m, n, k, group, x)
     cfg.check()
     step = 128 if cfg.bk >= 128 else cfg.bk  # int4_dot: a step of 128 S is S slices of 128
-    assert cfg.bk <= 128 or cfg.bk // 128 in (2, 4), f"a K step of {cfg.bk} is not 128 x 1, 2 or 4"
+    assert cfg.bk <= 128 or cfg.bk in (256, 512), f"a K step of {cfg.bk} is not 128 x 1, 2 or 4"
     assert group % step == 0 or n_groups == 1, f"a K step of {cfg.bk} straddles groups of {group}"
     if m == 0:
         return x.new_empty(0, n)
