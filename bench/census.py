@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import os
 import pkgutil
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
+import report
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
@@ -321,7 +320,7 @@ def step(net, batch: int, tokens: int, context: int, threshold: int) -> tuple[Ce
     return census, ideal_bytes(net, census, batch, context + tokens)
 
 
-def report(name: str, census: Census, ideal: dict[str, int], full) -> dict:
+def summarize(name: str, census: Census, ideal: dict[str, int], full) -> dict:
     """Per-layer counts of the measured layers, and per-step bytes scaled to the `full` model's layers."""
     layers = [k for k in census.tallies if k.startswith("layer ")]
     moe = [k for k in layers if full.is_moe(int(k.split()[1]))]
@@ -371,7 +370,7 @@ def main() -> None:
     p.add_argument("--model", default="deepseek-v2-lite")
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--context", type=int, default=1024)
-    p.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    report.add_out(p)
     a = p.parse_args()
     # launches are recorded, never run; under the interpreter (set before dsq's kernels are imported) Triton
     # would run them instead, at real shapes, for many minutes
@@ -386,12 +385,10 @@ def main() -> None:
     results = []
     for name, batch, tokens in (("decode batch 1", 1, 1), ("decode batch 64", 64, 1), ("prefill 512", 1, 512)):
         census, ideal = step(net, batch, tokens, a.context if tokens == 1 else 0, smallest)
-        results.append(report(name, census, ideal, full))
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "census.json").write_text(json.dumps(results, indent=1, default=str))
-    lines = [f"{a.model}, {a.layers} layers measured, context {a.context} for decode; per-step bytes scaled to "
-             f"{full.num_hidden_layers} layers", "",
+        results.append(summarize(name, census, ideal, full))
+    stamp = report.stamp()
+    lines = [f"{stamp['date']}, commit {stamp['commit']}: {a.model}, {a.layers} layers measured, context "
+             f"{a.context} for decode; per-step bytes scaled to {full.num_hidden_layers} layers", "",
              "| step | kernels / MoE layer (Triton + torch) | kernels / dense layer | bytes / step vs ideal | "
              "weight-sized temporaries / MoE layer | host syncs |", "| --- | --- | --- | --- | --- | --- |"]
     for r in results:
@@ -400,7 +397,7 @@ def main() -> None:
                      f"{r['bytes per step (whole model, scaled)'] / 1e9:.3f} GB = {r['ratio to ideal']:.2f}x of "
                      f"{r['ideal bytes per step'] / 1e9:.3f} GB | {r['weight-sized temporaries per MoE layer']:.1f} | "
                      f"{r['host syncs per step (measured layers + outside)']} |")
-    (out / "census.md").write_text("\n".join(lines) + "\n")
+    report.save(a.out, "census", {**stamp, "steps": results}, "\n".join(lines))
     print("\n".join(lines))
 
 if __name__ == "__main__":

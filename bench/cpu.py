@@ -7,14 +7,11 @@ checkpoint, same run. A measurement for docs/benchmarks.md, not a test.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
-import subprocess
 import tempfile
 import time
-from pathlib import Path
 
+import report
 import torch
 
 
@@ -31,7 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    report.add_out(ap)
     args = ap.parse_args()
     from transformers import DeepseekV2ForCausalLM
 
@@ -51,9 +48,7 @@ def main() -> None:
                     best_of(lambda: ours.generate(ids[0].tolist(), max_new_tokens=args.new), 1)),
             "transformers": (best_of(lambda: ref(ids)), best_of(lambda: gen_ref(args.new), 1)),
         }
-    result = {"commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                       text=True).stdout.strip(),
-              "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
+    result = {**report.stamp(), "machine": f"{platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} threads", "prompt": args.prompt, "new": args.new, "rows": {}}
     lines = [f"| runtime | prefill tok/s ({args.prompt}) | decode tok/s (batch 1) |", "| --- | --- | --- |"]
     for name, (prefill, total) in rows.items():
@@ -64,10 +59,7 @@ def main() -> None:
     lines.append(f"| ratio dsq / transformers | {d['dsq']['prefill_tok_s'] / d['transformers']['prefill_tok_s']:.2f}x "
                  f"| {d['dsq']['decode_tok_s'] / d['transformers']['decode_tok_s']:.2f}x |")
     print("\n".join(lines))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu.json").write_text(json.dumps(result, indent=2))
-    (out / "cpu.md").write_text("\n".join(lines) + "\n")
+    report.save(args.out, "cpu", result, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
+import report
 import torch
 
 HBM = 4.8e12  # H200 bytes/s (NVIDIA's H200 datasheet: 4.8 TB/s HBM3e)
@@ -122,7 +120,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="deepseek-v2-lite", choices=["deepseek-v2-lite", "deepseek-v2"])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    report.add_out(ap)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench/e2e.py: no CUDA device; nothing to measure")
@@ -130,9 +128,7 @@ def main() -> None:
     lite = args.model == "deepseek-v2-lite"
     batches = [1, 8] if args.quick else [1, 8, 32, 128]
     new = 32 if args.quick else 64
-    rows, result = [], {"model": args.model, "gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
-                        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                                 text=True).stdout.strip()}
+    rows, result = [], {"model": args.model, "gpu": torch.cuda.get_device_name(), **report.stamp()}
     variants = [("dsq fp8+int4", True)] + ([("bf16 eager", False)] if lite else [])
     for name, quantized in variants:
         torch.cuda.empty_cache()
@@ -166,11 +162,7 @@ def main() -> None:
         rows.append(f"| {key} | {q[key]:,.2f} | {'' if b is None else f'{b:,.2f}'} | {ratio} |")
     rows.append(f"| batch-1 decode vs roofline ({roof:,.0f} tok/s at {HBM / 1e12:.1f} TB/s) | "
                 f"{q['decode_b1_tok_s'] / roof:.1%} | | |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if lite else "_v2"
-    (out / f"e2e{suffix}.json").write_text(json.dumps(result, indent=2))
-    (out / f"e2e{suffix}.md").write_text("\n".join(rows) + "\n")
+    report.save(args.out, "e2e" if lite else "e2e_v2", result, "\n".join(rows))
     print("\n".join(rows))
 
 

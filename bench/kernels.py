@@ -28,19 +28,15 @@ forward. GB/s counts the bytes a kernel must move (weights + scales + activation
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import json
 import math
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
+import report
 import torch
 import torch.nn.functional as F
 import triton
@@ -424,7 +420,7 @@ def targets(gemm: list[dict]) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    report.add_out(ap)
     ap.add_argument("--quick", action="store_true", help="5 shapes, M in {1, 16, 128, 2048}, INT4 MoE for V2-Lite")
     ap.add_argument("--budget", type=float, default=200.0, help="seconds after which no new shape starts")
     ap.add_argument("--sweep", action="store_true", help="only the decode-size tile sweep -> kernels_sweep.*")
@@ -432,28 +428,22 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("bench/kernels.py: no CUDA device here, nothing measured")
         sys.exit(0)
-    args.out.mkdir(parents=True, exist_ok=True)
-    root = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
     nf4 = bnb_nf4()
-    meta = dict(gpu=torch.cuda.get_device_name(), date=datetime.datetime.now().isoformat(timespec="seconds"),
-                commit=commit.stdout.strip() or "unknown", torch=torch.__version__, triton=triton.__version__,
+    meta = dict(gpu=torch.cuda.get_device_name(), **report.stamp(), torch=torch.__version__, triton=triton.__version__,
                 python=platform.python_version(), nf4=nf4 is not None, quick=args.quick)
     t0 = time.time()
     if args.sweep:
         rows = tile_sweep(args.budget)
-        (args.out / "kernels_sweep.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-        (args.out / "kernels_sweep.md").write_text(sweep_markdown(meta, rows))
-        print((args.out / "kernels_sweep.md").read_text())
+        report.save(args.out, "kernels_sweep", dict(meta=meta, rows=rows), sweep_markdown(meta, rows))
+        print(sweep_markdown(meta, rows))
         return
     moe: list[dict] = []
     gemm: list[dict] = []
     router: list[dict] = []
 
     def save() -> None:
-        (args.out / "kernels.json").write_text(json.dumps(dict(meta=meta, gemm=gemm, moe=moe, router=router),
-                                                          indent=1))
-        (args.out / "kernels.md").write_text(markdown(meta, gemm, moe, router))
+        report.save(args.out, "kernels", dict(meta=meta, gemm=gemm, moe=moe, router=router),
+                    markdown(meta, gemm, moe, router))
 
     for spec in ROUTERS[:1] if args.quick else ROUTERS:
         router += bench_router(*spec)
@@ -475,7 +465,7 @@ def main() -> None:
         print(f"{model} {name} done at {time.time() - t0:.0f}s", flush=True)
         save()
     save()
-    print((args.out / "kernels.md").read_text())
+    print(markdown(meta, gemm, moe, router))
 
 
 if __name__ == "__main__":

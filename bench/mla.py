@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
+import report
 import torch
 
 from dsq.kernels.mla_absorb import absorb_o, absorb_q
@@ -150,7 +149,7 @@ def _markdown(records: list[dict], sweep: list[dict], absorbed: list[dict]) -> s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    report.add_out(parser)
     parser.add_argument("--quick", action="store_true", help="fp8 only, contexts up to 32K, fewer iterations")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -189,13 +188,11 @@ def main() -> None:
                     print(json.dumps(sweep[-1], default=str), flush=True)
         del pool
         torch.cuda.empty_cache()
-    args.out.mkdir(parents=True, exist_ok=True)
-    result = {"gpu": torch.cuda.get_device_name(), "hbm_gbps": HBM_GBPS, "peak_tflops": PEAK_TFLOPS,
+    result = {"gpu": torch.cuda.get_device_name(), **report.stamp(), "hbm_gbps": HBM_GBPS, "peak_tflops": PEAK_TFLOPS,
               "bytes_per_token": {k: cache_bytes_per_token(k) for k in ("fp8", "bf16")},
               "absorbed": absorbed, "decode": records, "tile_sweep": sweep, "skipped_for_time": skipped,
               "seconds": round(time.time() - t0, 1)}
-    (args.out / "mla.json").write_text(json.dumps(result, indent=1, default=str))
-    (args.out / "mla.md").write_text(_markdown(records, sweep, absorbed))
+    report.save(args.out, "mla", result, _markdown(records, sweep, absorbed))
     print(_markdown(records, sweep, absorbed))
     print(f"bench/mla.py: {len(records)} shapes in {result['seconds']} s ({skipped} skipped for time) -> {args.out}")
 

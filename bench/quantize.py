@@ -22,6 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import report
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +125,7 @@ def student_t(n: int, df: float, gen: torch.Generator) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    report.add_out(ap)
     ap.add_argument("--layers", type=int, default=3, help="1 dense + (layers - 1) MoE layers")
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and outputs")
@@ -150,18 +151,15 @@ def main() -> None:
         for search in (True, False):
             runs.append(run_case(src, work / f"out-{device}-{int(search)}", device, search))
             print(json.dumps(runs[-1]), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
     result = {
-        "date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": platform.processor() or platform.machine(),
+        **report.stamp(), "machine": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg_1m_start": load0,
         "load_avg_1m": os.getloadavg()[0],
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "checkpoint": {"bytes": size, "layers": args.layers, "experts": args.experts},
         "runs": runs, "maths_only_mb_per_s": {d: maths_only(d) for d in devices},
     }
-    (args.out / "quantize.json").write_text(json.dumps(result, indent=2))
-    lines = [f"# dsq quantize: {result['date']}, commit {commit}, {result['cpus']} CPUs"
+    lines = [f"# dsq quantize: {result['date']}, commit {result['commit']}, {result['cpus']} CPUs"
              + (f", {result['gpu']}" if result["gpu"] else ""),
              "", f"Synthetic V2-Lite slice: {args.layers} layers ({args.experts} experts), {size / 1e9:.2f} GB BF16; "
              f"1-minute load average at the start {load0:.1f}, at the end {result['load_avg_1m']:.1f} (a shared "
@@ -178,7 +176,7 @@ def main() -> None:
     for d, m in result["maths_only_mb_per_s"].items():
         lines.append(f"| {d} | {m['int4_clip_search']:.0f} | {m['int4_round_to_nearest']:.0f} | "
                      f"{m['fp8_channel']:.0f} |")
-    (args.out / "quantize.md").write_text("\n".join(lines) + "\n")
+    report.save(args.out, "quantize", result, "\n".join(lines))
     print("\n".join(lines))
     if not args.keep:
         shutil.rmtree(work)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import platform
 import socket
@@ -27,6 +26,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+
+import report
 
 NAME = "bench"
 PROMPTS = ["The experts of DeepSeek-V2", "Hello! How are you today?", "Write a piece of quicksort code in C++",
@@ -94,7 +95,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="with --preset: how many of its layers")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, help="the server's CPU threads")
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    report.add_out(ap)
     args = ap.parse_args()
     import openai
     import torch
@@ -120,9 +121,7 @@ def main() -> None:
             proc.terminate()
             proc.wait()
     ms = lambda s: f"{s * 1e3:,.0f}"
-    result = {"commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                       text=True).stdout.strip(),
-              "date": time.strftime("%Y-%m-%d"), "device": args.device,
+    result = {**report.stamp(), "device": args.device,
               "machine": torch.cuda.get_device_name() if args.device.startswith("cuda") else
               f"{platform.processor() or platform.machine()}, {args.threads or len(os.sched_getaffinity(0))} threads",
               "model": str(args.model or (f"{args.preset}, {args.layers} layers, random (fp8-int4)" if args.preset
@@ -140,10 +139,7 @@ def main() -> None:
     lines.append(f"\ngreedy outputs equal one at a time and concurrent: {result['equal_outputs']}; "
                  f"{result['machine']}, commit {result['commit']}, {result['date']}")
     print("\n".join(lines))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serve.json").write_text(json.dumps(result, indent=2))
-    (out / "serve.md").write_text("\n".join(lines) + "\n")
+    report.save(args.out, "serve", result, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ def test_census_counts_launches_ops_and_bytes(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(BENCH), "--layers", "2", "--context", "64", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    steps = json.loads((tmp_path / "census.json").read_text())
+    result = json.loads((tmp_path / "census.json").read_text())
+    assert result["date"] and result["commit"]  # docs/benchmarks.md records both beside the numbers
+    steps = result["steps"]
     assert [s["step"] for s in steps] == ["decode batch 1", "decode batch 64", "prefill 512"]
     for s in steps:
         layers = s["per layer"]
