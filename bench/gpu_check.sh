@@ -15,8 +15,8 @@
 #   mla, quantize: bench/<name>.py.
 #   v2        python bench/e2e.py --model deepseek-v2      (only when named: the full V2 on one H200)
 #   sweep     python bench/kernels.py --sweep              (only when named: decode-size tile sweep, ~3 min)
-# Bench convention (bench/report.py): every bench/*.py takes `--out DIR` (default $OUT, else ./bench-out), writes <name>.json
-# and <name>.md there, and exits 0 with one line when there is no CUDA.
+# Bench convention (bench/report.py): every bench/*.py takes `--out DIR` (default $OUT, else ./bench-out), writes
+# <name>.json and <name>.md there, and exits 0 with one line when there is no CUDA.
 # Output, flat in $OUT (at most 8 files come back from the GPU machine): gpu_check.log (everything, tee'd),
 # summary.md (the benches' .md files merged, in run order) and one <name>.json per bench.
 # GPU_CHECK_SECONDS (default 460) is the whole script's allowance: a step gets min(its cap, what is left)
