@@ -11,11 +11,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from dsq.checkpoint import DTYPES, Checkpoint, resolve, role
+from dsq.checkpoint import DTYPES, ROLES, Checkpoint, resolve, role
 from dsq.config import Config
 from dsq.loader import read_config
 
-ROLES = ("attention", "dense", "shared", "experts", "router", "embed", "head", "norm", "other")
+ROWS = (*(r for r, _ in ROLES), "other")  # the tables' rows: every role, then the tensors no role matches
 GPUS = (24, 48, 80, 141)  # GB: consumer, L40S / A6000, A100 / H100, H200
 
 
@@ -64,7 +64,7 @@ def describe(model: str, revision: str | None, console: Console) -> None:
     table = Table("role", "parameters", "bytes", "dtype", title="parameters and bytes by role")
     rows = by_role(Checkpoint(folder))
     total_p = total_b = 0
-    for r in ROLES:
+    for r in ROWS:
         if r in rows:
             row = rows[r]
             total_p, total_b = total_p + row["params"], total_b + row["bytes"]
@@ -106,7 +106,7 @@ def describe_preset(name: str, console: Console) -> None:
         params[role(tensor)] += math.prod(dims)
     by_scheme = scheme_bytes(cfg)  # what the runtime allocates (the router is kept in fp32)
     table = Table("role", "parameters", *by_scheme, title="parameters, and weight bytes by role and scheme")
-    for r in ROLES:
+    for r in ROWS:
         if r in by_scheme["bf16"]:
             table.add_row(r, f"{params[r] / 1e6:,.2f} M", *(size(b[r]) for b in by_scheme.values()))
     table.add_row("total", f"{sum(params.values()) / 1e6:,.2f} M",

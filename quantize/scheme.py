@@ -114,9 +114,8 @@ class Task:
 
 
 def task_for(name: str, shape: list[int], dtype: str, opts: Options, where: str) -> Task:
-    """The conversion of one source tensor; refuses, naming tensor and flag, what the options cannot do."""
-    if dtype not in DTYPES:
-        raise DsqError(f"{where}: tensor {name} has dtype {dtype}, which dsq does not read")
+    """The conversion of one source tensor; refuses, naming tensor and flag, what the options cannot do.
+    `source.check_tensors` has already checked its dtype (a float) and its shape (the config's)."""
     src = DTYPES[dtype]
     role = role_of(name)
     storage = opts.storage(role)
@@ -124,10 +123,7 @@ def task_for(name: str, shape: list[int], dtype: str, opts: Options, where: str)
     if storage is None:
         keep = src if (opts.keep_dtype or src != torch.float32) else torch.bfloat16
         return Task(name, role, None, shape_t, src, (Out(name, keep, shape_t),))
-    if src not in (torch.bfloat16, torch.float16, torch.float32):
-        raise DsqError(f"{where}: tensor {name} is already {dtype}; dsq quantizes BF16/FP16/FP32 checkpoints")
-    if len(shape) != 2:
-        raise DsqError(f"{where}: tensor {name} has shape {shape}; a {role} weight must be 2-D")
+    assert len(shape) == 2, (name, shape)  # the config's shape of a linear weight
     module = name.removesuffix(".weight")
     out_f, in_f = shape_t
     if isinstance(storage, Int4Group) and in_f % storage.group:

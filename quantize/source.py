@@ -1,17 +1,12 @@
 """Reading the source tensors for `dsq quantize`: pread into fresh buffers, a reader thread ahead of the maths.
-
-Seam: `Source` finds each tensor's file and byte range from the safetensors headers; once `Checkpoint`
-gives parsed per-tensor entries (file, dtype, shape, byte range), `Source.__init__` reads them from there.
-"""
+Each tensor's file and byte range come from `Checkpoint.entries` (its checked safetensors headers)."""
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
@@ -52,20 +47,12 @@ class Source:
     read through a map stays in the process's RSS for as long as the file is open: a whole 8 GB shard.)"""
 
     def __init__(self, ckpt: Checkpoint):
-        self.where: dict[str, tuple[Path, int, int]] = {}  # tensor -> file, first byte, end
-        for file in sorted(set(ckpt.files.values())):  # headers already checked by safetensors
-            path = ckpt.folder / file
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-            for name, meta in header.items():
-                if name != "__metadata__":
-                    start, end = meta["data_offsets"]
-                    self.where[name] = (path, 8 + n + start, 8 + n + end)
+        self.entries = ckpt.entries
 
     def get(self, task: Task) -> torch.Tensor:
         """One tensor, checked for NaN and Inf when it is floating point (aminmax: one fast pass)."""
-        path, start, end = self.where[task.name]
+        entry = self.entries[task.name]
+        path, start, end = entry.file, entry.start, entry.end
         buf = torch.empty(end - start, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         try:
