@@ -158,19 +158,13 @@ def load_tensors(model: Transformer, ckpt: Checkpoint, device: torch.device, con
             expert -= lo
         if owner is not None:
             want = torch.empty(owner.out_features, owner.in_features, device="meta")
-            w = _read_slice(model, ckpt, hf, split[module], module, want) if module in split else ckpt.get(hf)
+            w = _read(model, ckpt, hf, module, split.get(module), want)
             for key, t in owner.quantize(w.to(device)).items():
                 owner.tensors(expert)[key].copy_(t)
                 _done(pending, f"{module}.{key}", expert)
             continue
         dst = targets[name] if expert is None else targets[name][expert]
-        if module in split:
-            src = _read_slice(model, ckpt, hf, split[module], module, dst).to(device)
-        else:
-            shape = ckpt.shape(hf)
-            if list(dst.shape) != shape:
-                raise DsqError(f"{ckpt.folder}: tensor {hf} has shape {shape}, the config implies {list(dst.shape)}")
-            src = ckpt.get(hf, device)
+        src = _read(model, ckpt, hf, module, split.get(module), dst).to(device)
         if src.is_floating_point() != dst.is_floating_point() or (dst.element_size() == 1 and src.dtype != dst.dtype):
             raise DsqError(f"{ckpt.folder}: tensor {hf} is {src.dtype}, expected {dst.dtype} for this format")
         dst.copy_(src)
@@ -178,12 +172,24 @@ def load_tensors(model: Transformer, ckpt: Checkpoint, device: torch.device, con
     if model.cfg.tie_word_embeddings and "lm_head.weight" in pending:
         model.lm_head.weight = model.model.embed_tokens.weight
         pending.pop("lm_head.weight")
-    if pending:
-        missing = [unstacked(n, None if e is None else min(e)) for n, e in pending.items()]
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise DsqError(f"{ckpt.folder}: missing tensor(s) {', '.join(missing[:3])}{more}; "
-                       "the checkpoint is incomplete or not made for this config")
-    if unexpected:
-        more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
-        raise DsqError(f"{ckpt.folder}: unexpected tensor(s) {', '.join(unexpected[:3])}{more}; "
-                       "the config.json does not describe these weights")
+    refuse_names(ckpt.folder, [unstacked(n, None if e is None else min(e)) for n, e in pending.items()], unexpected)
+
+
+def _read(model: Transformer, ckpt: Checkpoint, hf: str, module: str, split: tuple[int, str, int] | None,
+          dst: torch.Tensor) -> torch.Tensor:
+    """The tensor `hf` for the slot `dst`: this rank's slice of a `split` one, else all of it, at `dst`'s shape."""
+    if split is not None:
+        return _read_slice(model, ckpt, hf, split, module, dst)
+    if list(dst.shape) != ckpt.shape(hf):
+        raise DsqError(f"{ckpt.folder}: tensor {hf} has shape {ckpt.shape(hf)}, the config implies {list(dst.shape)}")
+    return ckpt.get(hf)
+
+
+def refuse_names(folder: Path, missing: list[str], unexpected: list[str]) -> None:
+    """A checkpoint whose tensor names are not its config's, refused in one line (the loader's and the
+    quantizer's message, naming the first three)."""
+    for names, what in ((missing, "missing tensor(s) {}; the checkpoint is incomplete or not made for this config"),
+                        (unexpected, "unexpected tensor(s) {}; the config.json does not describe these weights")):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            raise DsqError(f"{folder}: " + what.format(", ".join(names[:3]) + more))

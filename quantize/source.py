@@ -13,7 +13,7 @@ import torch
 from dsq.checkpoint import Checkpoint, check_finite
 from dsq.config import Config
 from dsq.errors import DsqError
-from dsq.loader import hf_tensors
+from dsq.loader import hf_tensors, refuse_names
 from dsq.quantize.scheme import Task
 
 PREFETCH_BYTES = 256 << 20  # read at most this far ahead (always at least one tensor)
@@ -33,13 +33,8 @@ def check_tensors(cfg: Config, ckpt: Checkpoint) -> None:
             raise DsqError(f"{ckpt.folder}: tensor {name} has dtype {ckpt.dtype(name)}; dsq quantize reads "
                            "BF16/FP16/FP32 checkpoints")
     optional = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    for names, what in (([n for n in want if n not in ckpt.files and n not in optional],
-                         "missing tensor(s) {}; the checkpoint is incomplete or not made for this config"),
-                        ([n for n in ckpt.files if n not in want],
-                         "unexpected tensor(s) {}; the config.json does not describe these weights")):
-        if names:
-            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-            raise DsqError(f"{ckpt.folder}: " + what.format(", ".join(names[:3]) + more))
+    refuse_names(ckpt.folder, [n for n in want if n not in ckpt.files and n not in optional],
+                 [n for n in ckpt.files if n not in want])
 
 
 class Source:
