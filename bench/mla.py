@@ -28,8 +28,8 @@ import report
 import torch
 
 from dsq.kernels.mla_absorb import absorb_o, absorb_q
-from dsq.kernels.mla_cache import LatentPool, alloc_pool, cache_bytes_per_token
-from dsq.kernels.mla_decode import mla_decode, mla_decode_ref
+from dsq.kernels.mla_decode import mla_decode
+from dsq.latent import LatentPool, alloc_pool, cache_bytes_per_token, mla_decode_ref
 
 HBM_GBPS = 4800.0  # H200 HBM3e
 PEAK_TFLOPS = 989.0  # H200 dense bf16 tensor cores

@@ -2,7 +2,7 @@
 attention metadata of one forward step (where its new tokens go, what each sequence attends).
 
 Per token and layer it holds RMSNorm(c) [kv_lora_rank] and the roped k_pe [rope dim], in one of the
-layouts of dsq.kernels.mla_cache: "fp8" (FlashMLA's: e4m3 latent with a scale per 128 channels, bf16 rope
+layouts of dsq.latent: "fp8" (FlashMLA's: e4m3 latent with a scale per 128 channels, bf16 rope
 part, 656 B for V2), "bf16" (1,152 B), or "fp32" (the exact reference of the CPU runtime). Writing fuses
 RMSNorm + rope + quantization. A decode (one new token after a cached context) attends the latents
 themselves through its page table (`Attention.decode`); a prefill chunk that continues a cached prefix
@@ -18,16 +18,24 @@ import torch
 
 from dsq.config import Config
 from dsq.errors import DsqError
-from dsq.kernels.mla_cache import (
+from dsq.latent import (
+    KV_CACHE_DTYPES,
     alloc_pool,
     cache_bytes_per_token,
     gather_latents,
-    write_latent_cache,
+    mla_decode_ref,
     write_latent_cache_ref,
 )
-from dsq.kernels.mla_decode import mla_decode, mla_decode_ref
 
-KV_CACHE_DTYPES = ("fp8", "bf16", "fp32")
+# tokens per page: the unit the engine hands out and shares (a prefix block is one full page: dsq/engine/pages.py);
+# the kernels take any page size (mla_decode reads a page table in tiles of its own block_n, 32 tokens)
+PAGE_SIZE = 64
+
+
+def is_decode(length: int, context: int) -> bool:
+    """A sequence's slice of a step is a decode, attending the latents through its page table (the absorbed
+    path), when it is one new token after a cached context; anything else runs the naive path."""
+    return length == 1 and context > 1
 
 
 def bytes_per_token(cfg: Config, kv_cache_dtype: str) -> int:
@@ -51,7 +59,7 @@ def available_memory() -> int:
 class LatentCache:
     """The page pools of every layer: `num_pages` pages of `page_size` slots; slot = page * page_size + offset."""
 
-    def __init__(self, cfg: Config, num_pages: int, page_size: int = 64, kv_cache_dtype: str = "fp8",
+    def __init__(self, cfg: Config, num_pages: int, page_size: int = PAGE_SIZE, kv_cache_dtype: str = "fp8",
                  device: torch.device | str = "cpu", backend: str = "torch"):
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise DsqError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
@@ -75,8 +83,13 @@ class LatentCache:
               cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Store new tokens from the kv_a_proj_with_mqa output [N, C+R] at slots [N], RMSNorm'd and roped with
         cos/sin [N, R/2] on the way."""
-        write = write_latent_cache if self.kernels else write_latent_cache_ref
-        write(self.pools[layer], kv_a, norm_weight, eps, cos.float().contiguous(), sin.float().contiguous(), slots)
+        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+        if self.kernels:
+            from dsq.kernels import write_latent_cache
+
+            write_latent_cache(self.pools[layer], kv_a, norm_weight, eps, cos, sin, slots)
+        else:
+            write_latent_cache_ref(self.pools[layer], kv_a, norm_weight, eps, cos, sin, slots)
 
 
 @dataclass(frozen=True)
@@ -116,9 +129,9 @@ class Attention:
         """From host-side lists: per sequence (start, length, context, pages), and every new token's slot."""
         as_int = lambda rows: torch.tensor(rows, dtype=torch.int32, device=device)
         width = max((len(p) for *_, p in seqs), default=1)
-        decodes = [s for s in seqs if s[1] == 1 and s[2] > 1]
+        decodes = [s for s in seqs if is_decode(s[1], s[2])]
         prefills = tuple(Prefill(start, n, ctx, as_int([pages])) for start, n, ctx, pages in seqs
-                         if not (n == 1 and ctx > 1))
+                         if not is_decode(n, ctx))
         return cls(cache, torch.tensor(slots, dtype=torch.long, device=device),
                    torch.tensor([s[0] for s in decodes], dtype=torch.long, device=device),
                    as_int([p + [0] * (width - len(p)) for *_, p in decodes]).view(len(decodes), width),
@@ -135,6 +148,8 @@ class Attention:
         roped q_pe [Bd, H, R]; each sees its whole context, its new token included."""
         pool = self.cache.pools[layer]
         if self.cache.kernels:
+            from dsq.kernels import mla_decode
+
             return mla_decode(q_lat.contiguous(), q_pe.contiguous(), pool, self.decode_pages, self.decode_lens,
                               scale, max_seq_len=self.max_context).float()
         return mla_decode_ref(q_lat, q_pe, pool, self.decode_pages, self.decode_lens, scale, self.max_context)

@@ -22,6 +22,19 @@ from dsq.quant import BLOCK
 BACKENDS = ("torch", "triton")
 
 
+def check_backend(backend: str) -> None:
+    """Refuse an unknown backend, and "triton" where Triton is not installed: dsq installs it on Linux only, and
+    the torch backend, which never imports it, runs everywhere."""
+    if backend not in BACKENDS:
+        raise DsqError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            raise DsqError("backend 'triton' needs Triton (pip install triton, Linux with an NVIDIA GPU); "
+                           "backend 'torch' runs without it") from None
+
+
 class Linear(nn.Module):
     """y = x W^T for a weight [out, in] stored in `fmt`; with `n_experts`, one such weight per expert."""
 
@@ -165,6 +178,7 @@ class Build:
     `dtype` (unquantized weights), computing with `backend`."""
 
     def __init__(self, scheme: Scheme | None, dtype: torch.dtype, backend: str = "torch"):
+        check_backend(backend)
         self.scheme, self.dtype, self.backend = scheme or Scheme(None), dtype, backend
 
     def linear(self, name: str, in_features: int, out_features: int) -> Linear:

@@ -1,11 +1,11 @@
 """DeepSeek-V2 in plain PyTorch: MLA attention over a latent cache, DeepSeekMoE, YaRN rope.
 
-Modules carry the Hugging Face names (model.layers.N.self_attn.q_proj, mlp.experts, lm_head, ...), so a
-checkpoint tensor's name is its parameter's name; only routed experts differ: they are stacked, and
-`model.layers.N.mlp.experts.E.gate_proj.weight` is slot E of `...mlp.experts.gate_proj.weight`.
-Every weight matmul goes through dsq.layers.Linear, built in the format the checkpoint declares for it
-(`Build`). Modules are built with this rank's shapes (`Dist.shard`, dsq/parallel.py): its heads,
-intermediate columns, experts and vocab rows; a Block sums the ranks' partial outputs with `Dist.all_reduce`."""
+Modules carry the Hugging Face names (model.layers.N.self_attn.q_proj, mlp.experts, lm_head, ...), so a checkpoint
+tensor's name is its parameter's name; only routed experts differ: they are stacked, and
+`model.layers.N.mlp.experts.E.gate_proj.weight` is slot E of `...mlp.experts.gate_proj.weight`. Every weight matmul goes
+through dsq.layers.Linear, built in the format the checkpoint declares for it (`Build`). Modules are built with this
+rank's shapes (`Dist.shard`, dsq/parallel.py): its heads, intermediate columns, experts and vocab rows; a Block sums the
+ranks' partial outputs with `Dist.all_reduce`."""
 
 from __future__ import annotations
 
@@ -14,15 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from dsq.cache import Attention, LatentCache
+from dsq.cache import PAGE_SIZE, Attention, LatentCache
 from dsq.config import Config
 from dsq.formats import FP8Channel, Scheme
-from dsq.kernels.mla_absorb import absorb_o, absorb_q
-from dsq.kernels.mla_prefill import naive_qk, naive_qk_ref
 from dsq.layers import Build, Embedding, RMSNorm, fp8_input, join, project, swiglu
 from dsq.parallel import Dist
 from dsq.quant import BLOCK
-from dsq.rope import apply_rope, rope_angles, rope_frequencies
+from dsq.rope import apply_rope, naive_qk_ref, rope_angles, rope_frequencies
 
 
 class MLA(nn.Module):
@@ -86,8 +84,7 @@ class MLA(nn.Module):
                 attn: Attention, layer: int, xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x [N, D]: the step's new tokens, flattened over its sequences, at positions pos [N] (xq: x in FP8,
         dsq.layers.project)."""
-        n = x.shape[0]
-        nope, rope_dim = self.qk_nope_head_dim, self.qk_rope_head_dim
+        n, nope, rope_dim = x.shape[0], self.qk_nope_head_dim, self.qk_rope_head_dim
         q, kv_a = project(x, *self.inputs(), xq=xq)
         if hasattr(self, "q_a_proj"):  # the norm quantizes for q_b_proj too
             _, q, qq = self.q_a_layernorm.add(q, None, fp8_input(self.q_b_proj))
@@ -116,10 +113,14 @@ class MLA(nn.Module):
         its latents kv [S, C], k_pe [S, R] (unroped if fresh): K and V expanded per head from the latent. Causal
         aligned to the last key (query i sees keys <= S - T + i) with no mask tensor, so SDPA can pick a flash
         or memory-efficient kernel."""
-        t, s = q.shape[0], kv.shape[0]
-        nope, v_dim = self.qk_nope_head_dim, self.v_head_dim
+        t, s, nope, v_dim = q.shape[0], kv.shape[0], self.qk_nope_head_dim, self.v_head_dim
         k_nope, v = self.kv_b_proj(kv).view(s, self.n_heads, nope + v_dim).split([nope, v_dim], dim=-1)
-        q, k = (naive_qk if self.triton else naive_qk_ref)(q, k_nope, k_pe, cos, sin, fresh)
+        if self.triton:
+            from dsq.kernels import naive_qk
+
+            q, k = naive_qk(q, k_nope, k_pe, cos, sin, fresh)
+        else:
+            q, k = naive_qk_ref(q, k_nope, k_pe, cos, sin, fresh)
         causal = {"is_causal": True} if t == s else {"attn_mask": causal_lower_right(t, s)}
         o = F.scaled_dot_product_attention(q, k, v.transpose(0, 1), scale=self.scale, **causal)
         return o.transpose(0, 1)
@@ -128,6 +129,8 @@ class MLA(nn.Module):
         """The decodes' queries q [Bd, H, P+R] (rope not applied yet) attending the latent cache: W_UK folded
         into the query, W_UV after. -> [Bd, H*V]."""
         if self.kernels:
+            from dsq.kernels import absorb_o, absorb_q
+
             (uk, uv), (uk_s, uv_s) = self.uk_uv(self.kv_b_proj.weight), self.uk_uv(self.kv_b_proj.weight_scale)
             o_lat = attn.decode(layer, *absorb_q(q, cos, sin, uk, uk_s), self.scale)  # fp32
             return absorb_o(o_lat, uv, uv_s, q.dtype)
@@ -279,7 +282,7 @@ class Transformer(nn.Module):
                 if inputs:
                     join(*inputs)
 
-    def new_cache(self, num_pages: int, page_size: int = 64) -> LatentCache:
+    def new_cache(self, num_pages: int, page_size: int = PAGE_SIZE) -> LatentCache:
         """Page pools for every layer, in this model's kv_cache_dtype, on its device."""
         return LatentCache(self.cfg, num_pages, page_size, self.kv_cache_dtype, self.inv_freq.device, self.backend)
 

@@ -1,5 +1,6 @@
 """Rotary position embedding as DeepSeek-V2 uses it: YaRN-corrected frequencies (arXiv 2309.00071), applied to
-consecutive pairs of the rope dims (the interleaved layout of the published weights)."""
+consecutive pairs of the rope dims (the interleaved layout of the published weights), and the naive MLA path's
+roped queries and keys. Plain torch (and dsq.config's data), so the kernels' references may import it."""
 
 from __future__ import annotations
 
@@ -38,3 +39,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate consecutive pairs (x[2i], x[2i+1]) by the angle whose cos/sin are given ([..., R/2]), in fp32."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+def naive_qk_ref(q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 rope_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The naive MLA path's q [T, H, P+R] (rope dims unroped), k_nope [S, H, P] and k_pe [S, R] (unroped when
+    rope_k), with cos/sin [T, R/2] -> (q [H, T, P+R], k [H, S, P+R]): q_pe roped, k_pe shared by every head. Views,
+    not contiguous; kernels/mla_prefill.py's naive_qk writes them in one launch."""
+    p = k_nope.shape[2]
+    q_nope, q_pe = q.split([p, q.shape[2] - p], dim=-1)
+    q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])
+    k_pe = apply_rope(k_pe, cos, sin) if rope_k else k_pe
+    k = torch.cat([k_nope, k_pe[:, None].expand(-1, k_nope.shape[1], -1)], dim=-1)
+    return torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1), k.transpose(0, 1)

@@ -157,11 +157,12 @@ def splitk_reduce(ws: torch.Tensor, dtype: torch.dtype, add: torch.Tensor | None
     return out
 
 
-def dot_dtype(x: torch.Tensor) -> tl.dtype:
-    """The dot input type: x's 16-bit type on GPU; fp32 when interpreted (its bf16 arithmetic is wrong)."""
+def dot_dtype(x: torch.Tensor, dtype: torch.dtype | None = None) -> tl.dtype:
+    """The type of a kernel's tl.dot operands: `dtype` (default x's) where it is 16-bit, on x's GPU; fp32 for an
+    fp32 dtype, and whenever interpreted (the interpreter computes bf16 dots on the bit patterns)."""
     if interpreted(x):
         return tl.float32
-    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(x.dtype, tl.float32)
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype or x.dtype, tl.float32)
 
 
 @triton.jit

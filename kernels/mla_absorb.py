@@ -28,7 +28,7 @@ import triton.language as tl
 from dsq.quant import BLOCK, FP8, fp8_dequantize_weight, is_block_scale
 from dsq.rope import apply_rope
 
-from .common import cast_out, check_rope_tables, interpreted, mma_warps, rope_rows
+from .common import cast_out, check_rope_tables, dot_dtype, mma_warps, rope_rows
 
 _MAX_TOKENS = 64  # tokens per program: a decode bucket's batch in one tile, each weight tile read once
 
@@ -107,13 +107,6 @@ def _weight(weight: torch.Tensor, scale: torch.Tensor) -> tuple[int, tuple[int, 
     return 1, (weight.stride(0), weight.stride(1), scale.stride(0), scale.stride(1), 0)
 
 
-def _dot_type(t: torch.Tensor, dtype: torch.dtype) -> tl.dtype:
-    """The dot operand type: the model's 16-bit dtype on the GPU; fp32 interpreted or for an fp32 model."""
-    if interpreted(t):
-        return tl.float32
-    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(dtype, tl.float32)
-
-
 def _tokens(b: int) -> int:
     return min(max(triton.next_power_of_2(b), 16), _MAX_TOKENS)
 
@@ -137,7 +130,7 @@ def absorb_q(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w_uk: torch.
     _absorb_q_kernel[(h, triton.cdiv(c, bc), triton.cdiv(b, bb))](
         q, cos, sin, w_uk, uk_scale, q_lat, q_pe, b, p, c, q.stride(0), q.stride(1), cos.stride(0), *strides, H=h,
         R=r, SB=sb, BB=bb, BP=min(max(triton.next_power_of_2(p), 16), 64), BC=bc, BR=triton.next_power_of_2(r // 2),
-        DOT=_dot_type(q, q.dtype), enable_fp_fusion=False, num_warps=4)
+        DOT=dot_dtype(q), enable_fp_fusion=False, num_warps=4)
     return q_lat, q_pe
 
 
@@ -155,7 +148,7 @@ def absorb_o(o_lat: torch.Tensor, w_uv: torch.Tensor, uv_scale: torch.Tensor, dt
     bb, bv = _tokens(b), 16  # 16 output dims per program: V2-Lite's 16 x 128 at batch 1 -> 128 programs
     _absorb_o_kernel[(h, triton.cdiv(v, bv), triton.cdiv(b, bb))](
         o_lat, w_uv, uv_scale, o, b, v, c, o_lat.stride(0), o_lat.stride(1), *strides, H=h, SB=sb, BB=bb,
-        BV=bv, BC=min(max(triton.next_power_of_2(c), 16), 128), DOT=_dot_type(o_lat, dtype),
+        BV=bv, BC=min(max(triton.next_power_of_2(c), 16), 128), DOT=dot_dtype(o_lat, dtype),
         num_warps=mma_warps(bb, bv, 4))
     return o
 

@@ -1,11 +1,12 @@
-"""Absorbed-MLA decode attention over the paged latent cache (kernels/mla_cache.py), Triton and torch.
+"""Absorbed-MLA decode attention over the paged latent cache (dsq.latent: its layouts and this kernel's torch
+reference, mla_decode_ref).
 
 For each sequence b and head h, with the latent query q_lat[b, h] = q_nope W_UK (C values) and the roped
 q_pe[b, h] (R values): score_t = (q_lat . c_t + q_pe . k_pe_t) * scale over the tokens t < seq_lens[b],
 p = softmax(score) in fp32, o_lat[b, h] = sum_t p_t c_t. The caller applies W_UV and o_proj.
 
 All heads share one latent per token (MQA-like), so a program takes a tile of heads and reads each
-cache block once for all of them: grid (batch, head tiles, KV splits). Long contexts are split across
+cache page once for all of them: grid (batch, head tiles, KV splits). Long contexts are split across
 programs and merged by a log-sum-exp reduce. The grid depends only on host-side shapes (num_splits from
 the batch bucket's capacity, never from seq_lens on the device), so one launch can be captured in a
 CUDA graph per batch bucket. At 16 heads (V2-Lite) the kernel is bound by the cache read; at 128 (V2)
@@ -26,16 +27,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import interpreted, round_bf16, sm_count
-from .mla_cache import LatentPool, gather_latents, group_size
+from dsq.latent import LatentPool, group_size
+
+from .common import dot_dtype, round_bf16, sm_count
 
 _LOG2E = 1.4426950408889634
 _MIN_SPLIT_TOKENS = 32  # one BLOCK_N tile (default_num_splits says why)
 
 
 @triton.jit
-def _decode_kernel(q_ptr, qpe_ptr, kv_ptr, scale_ptr, pe_ptr, bt_ptr, len_ptr, o_ptr, lse_ptr, qk_scale,
-                   stride_qb, stride_qh, stride_pb, stride_ph, stride_bt, stride_ob, stride_oh, stride_os, H,
+def _decode_kernel(q_ptr, qpe_ptr, kv_ptr, scale_ptr, pe_ptr, pt_ptr, len_ptr, o_ptr, lse_ptr, qk_scale,
+                   stride_qb, stride_qh, stride_pb, stride_ph, stride_pt, stride_ob, stride_oh, stride_os, H,
                    num_splits, C: tl.constexpr, R: tl.constexpr, GS: tl.constexpr, PAGE: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
                    FP8: tl.constexpr, OUT_BF16: tl.constexpr, DOT: tl.constexpr):
@@ -70,7 +72,7 @@ def _decode_kernel(q_ptr, qpe_ptr, kv_ptr, scale_ptr, pe_ptr, bt_ptr, len_ptr, o
     for n0 in range(start, end, BLOCK_N):
         toks = n0 + tl.arange(0, BLOCK_N)
         valid = toks < end
-        page = tl.load(bt_ptr + b * stride_bt + toks // PAGE, mask=valid, other=0)
+        page = tl.load(pt_ptr + b * stride_pt + toks // PAGE, mask=valid, other=0)
         slot = page.to(tl.int64) * PAGE + toks % PAGE
         if FP8:  # dequantize once: the same tile is the key (scores) and the value (output)
             k3 = tl.load(kv_ptr + slot[:, None, None] * C + offs3, mask=valid[:, None, None], other=0.0)
@@ -159,32 +161,34 @@ def _pow2(n: int) -> bool:
     return n >= 16 and n & (n - 1) == 0
 
 
-def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, pool: LatentPool, block_table: torch.Tensor,
+def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, pool: LatentPool, page_table: torch.Tensor,
                seq_lens: torch.Tensor, scale: float, *, num_splits: int | None = None,
                max_seq_len: int | None = None, out: torch.Tensor | None = None, block_h: int = 16,
                block_n: int = 32, num_warps: int = 8, num_stages: int = 2) -> torch.Tensor:
     """o_lat [B, H, C] (q_lat's dtype, fp32 or bf16; into `out` if given) from q_lat [B, H, C], q_pe [B, H, R].
 
-    block_table [B, max_blocks] int32, seq_lens [B] int32 (0 gives a zero output). num_splits defaults
-    from max_seq_len, itself by default the block table's capacity: pass the batch bucket's values so the
+    page_table [B, max_pages] int32, seq_lens [B] int32 (0 gives a zero output). num_splits defaults
+    from max_seq_len, itself by default the page table's capacity: pass the batch bucket's values so the
     grid, and a captured CUDA graph, stay fixed while the sequences grow.
     """
     bsz, h, c = q_lat.shape
     r = q_pe.shape[2]
     assert q_pe.shape == (bsz, h, r) and pool.kv.shape[2] == c and pool.pe.shape[2] == r, "shape mismatch"
     assert _pow2(c) and _pow2(r), f"C={c} and R={r} must be powers of two >= 16"
-    assert pool.kv_cache_dtype != "fp32", "the fp32 reference cache is read by mla_decode_ref"
+    assert pool.kv_cache_dtype != "fp32", "the fp32 reference cache is read by dsq.latent.mla_decode_ref"
     assert _pow2(block_h) and _pow2(block_n), "block_h and block_n must be powers of two >= 16 (tl.dot)"
     assert q_lat.stride(2) == 1 and q_pe.stride(2) == 1, "q_lat / q_pe need a contiguous last dim"
     assert q_lat.dtype in (torch.float32, torch.bfloat16) and q_pe.dtype in (torch.float32, torch.bfloat16)
-    assert block_table.dtype == torch.int32 and block_table.dim() == 2 and block_table.shape[0] == bsz
+    assert page_table.dtype == torch.int32 and page_table.dim() == 2 and page_table.shape[0] == bsz
     assert seq_lens.dtype == torch.int32 and seq_lens.shape == (bsz,)
-    assert block_table.stride(1) == 1 and seq_lens.is_contiguous()
+    assert page_table.stride(1) == 1 and seq_lens.is_contiguous()
     out = torch.empty(q_lat.shape, dtype=q_lat.dtype, device=q_lat.device) if out is None else out
     assert out.shape == (bsz, h, c) and out.stride(2) == 1 and out.dtype in (torch.float32, torch.bfloat16)
     if max_seq_len is None:
-        max_seq_len = block_table.shape[1] * pool.block_size
+        max_seq_len = page_table.shape[1] * pool.page_size
     if num_splits is None:
+        # interpreted, one split: the interpreter runs programs one after another, so more would only add the
+        # reduce (the split path's tests pass num_splits)
         num_splits = default_num_splits(bsz, h, max_seq_len, sm_count(q_lat) if q_lat.is_cuda else 1, block_h)
     fp8 = pool.kv_cache_dtype == "fp8"
     out_bf16 = out.dtype == torch.bfloat16
@@ -198,30 +202,14 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, pool: LatentPool, block_
         lse = mid = None
         dst, dst_strides = o_view, (out.stride(0), out.stride(1), 0)
     _decode_kernel[(bsz, tiles, num_splits)](
-        q_lat, q_pe, pool.kv, pool.scale if fp8 else pool.kv, pool.pe, block_table, seq_lens, dst,
+        q_lat, q_pe, pool.kv, pool.scale if fp8 else pool.kv, pool.pe, page_table, seq_lens, dst,
         dst if lse is None else lse, scale * _LOG2E, q_lat.stride(0), q_lat.stride(1), q_pe.stride(0),
-        q_pe.stride(1), block_table.stride(0), *dst_strides, h, num_splits, C=c, R=r, GS=group_size(c),
-        PAGE=pool.block_size, BLOCK_H=block_h, BLOCK_N=block_n, SPLIT=num_splits > 1, FP8=fp8,
-        OUT_BF16=out_bf16 and num_splits == 1, DOT=tl.float32 if interpreted(q_lat) else tl.bfloat16,
+        q_pe.stride(1), page_table.stride(0), *dst_strides, h, num_splits, C=c, R=r, GS=group_size(c),
+        PAGE=pool.page_size, BLOCK_H=block_h, BLOCK_N=block_n, SPLIT=num_splits > 1, FP8=fp8,
+        OUT_BF16=out_bf16 and num_splits == 1, DOT=dot_dtype(q_lat, torch.bfloat16),
         num_warps=num_warps, num_stages=num_stages)
     if mid is not None:
         block_c = min(c, 128)
         _reduce_kernel[(bsz, h, c // block_c)](mid, lse, o_view, out.stride(0), out.stride(1), h, num_splits,
                                                C=c, BLOCK_S=16, BLOCK_C=block_c, OUT_BF16=out_bf16, num_warps=4)
     return out
-
-
-def mla_decode_ref(q_lat: torch.Tensor, q_pe: torch.Tensor, pool: LatentPool, block_table: torch.Tensor,
-                   seq_lens: torch.Tensor, scale: float, max_len: int | None = None) -> torch.Tensor:
-    """mla_decode in torch: gather and dequantize the blocks, matmul, fp32 softmax; o_lat [B, H, C] fp32.
-
-    Batched over sequences, so it is also the CPU path. max_len (>= every seq_len) defaults to
-    max(seq_lens), a device sync that the CPU path does not mind.
-    """
-    s = int(seq_lens.max()) if max_len is None else max_len
-    lat, pe = gather_latents(pool, block_table, seq_lens, s)
-    scores = (q_lat.float() @ lat.transpose(1, 2) + q_pe.float() @ pe.transpose(1, 2)) * scale
-    valid = torch.arange(s, device=seq_lens.device)[None, :] < seq_lens[:, None]
-    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an empty sequence attends to nothing
-    return p @ lat

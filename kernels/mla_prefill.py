@@ -3,8 +3,8 @@
 A prefill chunk of T queries attends S keys (the last T of them are its own tokens): per head h,
 q[h, t] = [q_nope[t, h], rope(q_pe[t, h])] and k[h, s] = [k_nope[s, h], k_pe[s]] with k_pe shared by all heads
 (DeepSeek-V2 paper, arXiv 2405.04434, section 2.1.3), roped here for a fresh chunk (S == T: its keys are its
-queries' tokens) or already roped as the latent cache holds it. The torch path builds them from
-dsq.rope.apply_rope, two concatenations and a broadcast (about 20 small kernels per layer); this writes both
+queries' tokens) or already roped as the latent cache holds it. The torch path (dsq.rope.naive_qk_ref) builds
+them from apply_rope, two concatenations and a broadcast (about 20 small kernels per layer); this writes both
 [H, T|S, P+R] tensors contiguous, as scaled_dot_product_attention reads them. The rope is apply_rope's fp32
 ops in its order with FMA contraction off, rounded to the model dtype once: bit-exact against it.
 """
@@ -14,8 +14,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from dsq.rope import apply_rope
 
 from .common import check_rope_tables, rope_rows
 
@@ -71,14 +69,3 @@ def naive_qk(q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, cos: tor
         k_pe.stride(0), cos.stride(0), ROPE_K=rope_k, R=r, BT=bt, BP=triton.next_power_of_2(p),
         BR=triton.next_power_of_2(r // 2), enable_fp_fusion=False, num_warps=4)
     return qo, ko
-
-
-def naive_qk_ref(q: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 rope_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """naive_qk in torch (the CPU runtime's path): views [H, T|S, P+R], not contiguous."""
-    p = k_nope.shape[2]
-    q_nope, q_pe = q.split([p, q.shape[2] - p], dim=-1)
-    q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])
-    k_pe = apply_rope(k_pe, cos, sin) if rope_k else k_pe
-    k = torch.cat([k_nope, k_pe[:, None].expand(-1, k_nope.shape[1], -1)], dim=-1)
-    return torch.cat([q_nope, q_pe], dim=-1).transpose(0, 1), k.transpose(0, 1)

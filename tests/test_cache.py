@@ -10,7 +10,7 @@ import dsq
 from dsq.cache import LatentCache
 from dsq.engine import Engine, SamplingParams
 from dsq.engine.runner import ModelRunner
-from dsq.kernels.mla_cache import write_latent_cache_ref
+from dsq.latent import write_latent_cache_ref
 
 
 class FakeQuantCache(LatentCache):

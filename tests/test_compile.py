@@ -44,6 +44,8 @@ def launch_all() -> None:
     """Every wrapper as the model calls it: dtypes, layouts and index types of dsq.model / dsq.cache."""
     import torch
 
+    from dsq.latent import alloc_pool
+
     kernel = lambda name: importlib.import_module("dsq.kernels." + name)  # the package attributes are the functions
     fg, ig, fm, mc, md, nm, rt, aq, ma, mp = (kernel(n) for n in ("fp8_gemm", "int4_gemm", "fused_moe", "mla_cache",
                                                                   "mla_decode", "norm", "router", "act_quant",
@@ -85,9 +87,9 @@ def launch_all() -> None:
     for m, bm in itertools.product(PREFILL_M, (16, 32, 64)):
         kernel("moe_align").moe_align(torch.zeros(m, TOP_K, dtype=torch.long), 160, bm)
     # the latent cache: write (kv_a of one token or a prefill chunk), then absorbed decode (fp32 latent
-    # queries, bf16 rope queries) over a block table sized for the cache length
+    # queries, bf16 rope queries) over a page table sized for the cache length
     for kind in ("fp8", "bf16"):
-        pool = mc.alloc_pool(1, 64, kind, "cpu", KV_LORA, ROPE)
+        pool = alloc_pool(1, 64, kind, "cpu", KV_LORA, ROPE)
         for n in (1, 4096):
             mc.write_latent_cache(pool, x(n, KV_LORA + ROPE), torch.empty(KV_LORA, dtype=bf16), 1e-6,
                                   torch.empty(n, ROPE // 2), torch.empty(n, ROPE // 2),
@@ -196,13 +198,13 @@ def compile_for_h200(shard: int, shards: int) -> None:
         )), flush=True)
 
     JITFunction.run = compile_only
-    cm, ig, fg, fm, md, ma = (importlib.import_module("dsq.kernels." + n)
-                              for n in ("common", "int4_gemm", "fp8_gemm", "fused_moe", "mla_decode", "mla_absorb"))
+    cm, ig, fg, fm, md = (importlib.import_module("dsq.kernels." + n)
+                          for n in ("common", "int4_gemm", "fp8_gemm", "fused_moe", "mla_decode"))
     # where the wrappers ask the device: its SM count, and whether it runs compiled code (bf16 dots)
     ig.sm_count = fg.sm_count = fm.sm_count = lambda t: H200_SMS
     real_splits = md.default_num_splits
     md.default_num_splits = lambda batch, heads, seq, sms, *a: real_splits(batch, heads, seq, H200_SMS, *a)
-    cm.interpreted = md.interpreted = ma.interpreted = lambda t: False
+    cm.interpreted = lambda t: False  # common.dot_dtype asks it for every kernel
     launch_all()
 
 

@@ -13,16 +13,17 @@ import triton
 import triton.language as tl
 
 from dsq.kernels.common import round_bf16, round_e4m3
-from dsq.kernels.mla_cache import (
+from dsq.kernels.mla_cache import write_latent_cache
+from dsq.kernels.mla_decode import default_num_splits, mla_decode
+from dsq.latent import (
     GROUP,
     LatentPool,
     alloc_pool,
     cache_bytes_per_token,
     gather_latents,
-    write_latent_cache,
+    mla_decode_ref,
     write_latent_cache_ref,
 )
-from dsq.kernels.mla_decode import default_num_splits, mla_decode, mla_decode_ref
 
 # the interpreter's own loop bounds trip a numpy deprecation; nothing of ours
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
@@ -47,26 +48,26 @@ def _norm_weight(gen: torch.Generator) -> torch.Tensor:
     return (torch.rand(C, generator=gen) * 2 + 0.05).bfloat16()
 
 
-def _filled_pool(kind: str, num_blocks: int, block_size: int, device: str = "cpu", seed: int = 0) -> LatentPool:
+def _filled_pool(kind: str, num_pages: int, page_size: int, device: str = "cpu", seed: int = 0) -> LatentPool:
     """A pool whose every slot holds a written token (through the torch path, fast on CPU)."""
     gen = torch.Generator().manual_seed(seed)
-    pool = alloc_pool(num_blocks, block_size, kind, device)
-    n = num_blocks * block_size
+    pool = alloc_pool(num_pages, page_size, kind, device)
+    n = num_pages * page_size
     cos, sin = _rope_tables(torch.randint(0, 4096, (n,), generator=gen), device)
     write_latent_cache_ref(pool, _kv_a(n, gen).to(device), _norm_weight(gen).to(device), 1e-6, cos, sin,
                            torch.arange(n, device=device))
     return pool
 
 
-def _block_table(lens: list[int], block_size: int, num_blocks: int, gen: torch.Generator) -> torch.Tensor:
-    """Each sequence gets distinct blocks in shuffled order; unused entries are -1 (never dereferenced)."""
-    width = max(triton.cdiv(n, block_size) for n in lens) + 1
-    assert sum(triton.cdiv(n, block_size) for n in lens) <= num_blocks
-    ids = torch.randperm(num_blocks, generator=gen)
+def _page_table(lens: list[int], page_size: int, num_pages: int, gen: torch.Generator) -> torch.Tensor:
+    """Each sequence gets distinct pages in shuffled order; unused entries are -1 (never dereferenced)."""
+    width = max(triton.cdiv(n, page_size) for n in lens) + 1
+    assert sum(triton.cdiv(n, page_size) for n in lens) <= num_pages
+    ids = torch.randperm(num_pages, generator=gen)
     table = torch.full((len(lens), width), -1, dtype=torch.int32)
     used = 0
     for b, n in enumerate(lens):
-        k = triton.cdiv(n, block_size)
+        k = triton.cdiv(n, page_size)
         table[b, :k] = ids[used:used + k]
         used += k
     return table
@@ -161,7 +162,7 @@ def test_cache_write_ref_maths(kind: str) -> None:
     pos = torch.randint(0, 10_000, (n,), generator=gen)
     cos, sin = _rope_tables(pos)
     pool = alloc_pool(4, bs, kind, "cpu")
-    table = torch.tensor([[3, 0, 2], [1, -1, -1]], dtype=torch.int32)  # 30 tokens in blocks 3, 0; 10 in 1
+    table = torch.tensor([[3, 0, 2], [1, -1, -1]], dtype=torch.int32)  # 30 tokens in pages 3, 0; 10 in 1
     lens = torch.tensor([30, 10], dtype=torch.int32)
     t = torch.cat([torch.arange(30), torch.arange(10)])
     slots = torch.tensor([3, 0, 1])[torch.cat([t[:30] // bs, torch.full((10,), 2)])] * bs + t % bs
@@ -234,8 +235,8 @@ def test_scale_granularity() -> None:
 
 def _dense_oracle(q: torch.Tensor, qp: torch.Tensor, pool: LatentPool, table: torch.Tensor, lens: list[int],
                   scale: float) -> torch.Tensor:
-    """Per sequence, token by token through the block table, dequantized by hand, in float64."""
-    bs = pool.block_size
+    """Per sequence, token by token through the page table, dequantized by hand, in float64."""
+    bs = pool.page_size
     out = torch.zeros(q.shape, dtype=torch.float64)
     for b, n in enumerate(lens):
         if n == 0:
@@ -255,14 +256,14 @@ def test_decode_ref_matches_dense_oracle(kind: str) -> None:
     gen = torch.Generator().manual_seed(4)
     lens, bs = [1, 37, 0, 80], 16
     pool = _filled_pool(kind, 16, bs, seed=4)
-    table = _block_table(lens, bs, 16, gen)
+    table = _page_table(lens, bs, 16, gen)
     q, qp = _queries(len(lens), 16, gen)
     got = mla_decode_ref(q, qp, pool, table, torch.tensor(lens, dtype=torch.int32), 0.1)
     assert _rel(got, _dense_oracle(q, qp, pool, table, lens, 0.1)) < 1e-5
     assert got[2].abs().sum() == 0
 
 
-# ragged lengths, not multiples of the page, a one-token and an empty context, shuffled blocks; split-KV
+# ragged lengths, not multiples of the page, a one-token and an empty context, shuffled pages; split-KV
 # off (1) and on (3: some splits of the short sequences are empty); H = 20 leaves a part-filled head tile
 DECODE_CASES = [
     # kind, heads, lengths, page, num_splits, query dtype
@@ -280,9 +281,9 @@ DECODE_CASES = [
 def test_decode_kernel_matches_ref(kind: str, h: int, lens: list[int], page: int, splits: int,
                                    dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(5)
-    num_blocks = sum(triton.cdiv(n, page) for n in lens) + 3
-    pool = _filled_pool(kind, num_blocks, page, seed=5)
-    table = _block_table(lens, page, num_blocks, gen)
+    num_pages = sum(triton.cdiv(n, page) for n in lens) + 3
+    pool = _filled_pool(kind, num_pages, page, seed=5)
+    table = _page_table(lens, page, num_pages, gen)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     q, qp = _queries(len(lens), h, gen)
     q, qp = q.to(dtype), qp.to(dtype)
@@ -302,7 +303,7 @@ def test_decode_kernel_matches_ref(kind: str, h: int, lens: list[int], page: int
 def test_decode_into_out_buffer() -> None:
     gen = torch.Generator().manual_seed(6)
     pool = _filled_pool("fp8", 4, 16, seed=6)
-    table = _block_table([40], 16, 4, gen)
+    table = _page_table([40], 16, 4, gen)
     q, qp = _queries(1, 16, gen)
     out = torch.full((1, 16, C), float("nan"))
     lens = torch.tensor([40], dtype=torch.int32)
@@ -326,9 +327,9 @@ def test_decode_any_split_count(splits: int) -> None:
     a 1- and a 37-token context leave most splits empty, and the 0-token one has no split at all."""
     gen = torch.Generator().manual_seed(7)
     lens, page = [300, 1, 37, 0], 16
-    num_blocks = sum(triton.cdiv(n, page) for n in lens) + 2
-    pool = _filled_pool("fp8", num_blocks, page, seed=7)
-    table = _block_table(lens, page, num_blocks, gen)
+    num_pages = sum(triton.cdiv(n, page) for n in lens) + 2
+    pool = _filled_pool("fp8", num_pages, page, seed=7)
+    table = _page_table(lens, page, num_pages, gen)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     q, qp = _queries(len(lens), 16, gen)
     got = mla_decode(q, qp, pool, table, seq_lens, 0.1, num_splits=splits)
@@ -367,9 +368,9 @@ def test_gpu_cache_write_bit_exact(kind: str) -> None:
 def test_gpu_decode_matches_ref(kind: str, h: int, splits: int | None) -> None:
     gen = torch.Generator().manual_seed(8)
     lens, page = [8192, 1, 3000, 777], 64
-    num_blocks = sum(triton.cdiv(n, page) for n in lens) + 5
-    pool = _filled_pool(kind, num_blocks, page, "cuda", seed=8)
-    table = _block_table(lens, page, num_blocks, gen).cuda()
+    num_pages = sum(triton.cdiv(n, page) for n in lens) + 5
+    pool = _filled_pool(kind, num_pages, page, "cuda", seed=8)
+    table = _page_table(lens, page, num_pages, gen).cuda()
     seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
     q, qp = _queries(len(lens), h, gen, "cuda")
     q, qp = q.bfloat16(), qp.bfloat16()
@@ -382,11 +383,11 @@ def test_gpu_decode_matches_ref(kind: str, h: int, splits: int | None) -> None:
 @pytest.mark.gpu
 @gpu
 def test_gpu_decode_cuda_graph() -> None:
-    """One capture per batch bucket: replays follow seq_lens and block tables changed in place."""
+    """One capture per batch bucket: replays follow seq_lens and page tables changed in place."""
     gen = torch.Generator().manual_seed(9)
     page, nb, b, h = 64, 260, 4, 16
     pool = _filled_pool("fp8", nb, page, "cuda", seed=9)
-    table = _block_table([4096] * b, page, nb, gen)[:, :4096 // page].contiguous().cuda()
+    table = _page_table([4096] * b, page, nb, gen)[:, :4096 // page].contiguous().cuda()
     seq_lens = torch.tensor([10, 1000, 4000, 64], dtype=torch.int32, device="cuda")
     q, qp = (t.bfloat16() for t in _queries(b, h, gen, "cuda"))
     out = torch.empty_like(q)

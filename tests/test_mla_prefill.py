@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsq.kernels.mla_prefill import naive_qk, naive_qk_ref
+from dsq.kernels.mla_prefill import naive_qk
+from dsq.rope import naive_qk_ref
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 CUDA = torch.cuda.is_available()

@@ -1,5 +1,7 @@
 """The shape of the code: no import cycle among dsq's modules (function-level imports count), the runtime
-never imports the offline quantizer or the CLI, no product file over 300 lines, no test hooks in product code."""
+never imports the offline quantizer or the CLI, the kernels import only dsq's low-level torch modules and only
+the Triton backend imports them (inside functions), no product file over 300 lines, no test hooks in product
+code."""
 
 from __future__ import annotations
 
@@ -7,8 +9,10 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"dsq": ROOT / "dsq", "dsq.kernels": ROOT / "kernels", "dsq.quantize": ROOT / "quantize",
-            "dsq.cli": ROOT / "cli"}  # setuptools package-dir
+PACKAGES = {"dsq": ROOT / "dsq", "dsq.engine": ROOT / "dsq" / "engine", "dsq.kernels": ROOT / "kernels",
+            "dsq.quantize": ROOT / "quantize", "dsq.cli": ROOT / "cli"}  # setuptools package-dir
+# what the kernels may import from dsq: plain-torch formats and references (and the config data rope reads)
+LOW_LEVEL = {"dsq.quant", "dsq.latent", "dsq.rope", "dsq.config", "dsq.fields", "dsq.errors"}
 
 
 def modules() -> dict[str, Path]:
@@ -19,11 +23,24 @@ def modules() -> dict[str, Path]:
     return out
 
 
-def imports(name: str, path: Path, known: set[str]) -> set[str]:
-    """The dsq modules `name` imports anywhere in its file (module level, functions, methods)."""
+def nodes(tree: ast.AST, lazy: bool) -> list[ast.AST]:
+    """Every node of tree, or (not lazy) those run at import: function bodies left out."""
+    if lazy:
+        return list(ast.walk(tree))
+    out, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        todo += [c for c in ast.iter_child_nodes(node) if not isinstance(c, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    return out
+
+
+def imports(name: str, path: Path, known: set[str], lazy: bool = True) -> set[str]:
+    """The dsq modules `name` imports anywhere in its file (module level, functions, methods), or with
+    lazy=False those it imports when it is imported."""
     package = name if path.stem == "__init__" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in nodes(ast.parse(path.read_text()), lazy):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -35,9 +52,19 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
     return {m for m in found if m in known and m != name}
 
 
-def graph() -> dict[str, set[str]]:
+def graph(lazy: bool = True) -> dict[str, set[str]]:
     mods = modules()
-    return {name: imports(name, path, set(mods)) for name, path in mods.items()}
+    return {name: imports(name, path, set(mods), lazy) for name, path in mods.items()}
+
+
+def reached(g: dict[str, set[str]], start: list[str]) -> set[str]:
+    """`start` and every module it imports, directly or not."""
+    reach, todo = set(start), list(start)
+    while todo:
+        for w in g[todo.pop()] - reach:
+            reach.add(w)
+            todo.append(w)
+    return reach
 
 
 def cycles(g: dict[str, set[str]]) -> list[list[str]]:
@@ -84,13 +111,27 @@ def test_the_runtime_does_not_import_the_quantizer_or_the_cli():
     g = graph()
     # everything but the quantizer, the CLI and the demo (whose job is to run the quantizer end to end)
     runtime = [m for m in g if not m.startswith(("dsq.quantize", "dsq.cli", "dsq.demo"))]
-    reach = set(runtime)
-    todo = list(runtime)
-    while todo:  # everything the runtime imports, directly or not
-        for w in g[todo.pop()] - reach:
-            reach.add(w)
-            todo.append(w)
-    assert not {m for m in reach if m.startswith(("dsq.quantize", "dsq.cli"))}
+    assert not {m for m in reached(g, runtime) if m.startswith(("dsq.quantize", "dsq.cli"))}
+
+
+def test_the_kernels_import_only_low_level_modules_of_dsq():
+    g = graph()
+    kernels = [m for m in g if m.startswith("dsq.kernels")]
+    assert {m for m in reached(g, kernels) if not m.startswith("dsq.kernels")} <= LOW_LEVEL
+    assert not {m for m in reached(g, sorted(LOW_LEVEL)) if m.startswith("dsq.kernels")}
+
+
+def test_only_the_kernels_import_triton_when_imported():
+    """The torch backend runs without Triton: outside dsq.kernels nothing imports triton or a kernel module
+    at import time (the Triton backend's call sites import dsq.kernels inside functions)."""
+    g, mods = graph(lazy=False), modules()
+    outside = [m for m in g if not m.startswith("dsq.kernels")]
+    assert not {m for m in reached(g, outside) if m.startswith("dsq.kernels")}
+    for name in outside:
+        at_import = nodes(ast.parse(mods[name].read_text()), lazy=False)
+        names = [a.name for n in at_import if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in at_import if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in names if m.split(".")[0] == "triton"], name
 
 
 def test_product_files_are_short_and_free_of_test_hooks():

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from dsq.cache import Attention
+from dsq.cache import PAGE_SIZE, Attention, is_decode
 from dsq.engine.scheduler import StepBatch
 from dsq.graphs import BUCKETS, GraphDecoder, bucket
 from dsq.model import Transformer
 from dsq.parallel import Interrupt
-
-PAGE_SIZE = 64  # tokens per page of the latent cache: the MLA decode kernel's block
 
 
 def planned_pages(net: Transformer, cpu_tokens: int, page_size: int = PAGE_SIZE) -> int:
@@ -65,7 +63,7 @@ class ModelRunner:
     @torch.inference_mode()
     def compute(self, batch: StepBatch) -> torch.Tensor:
         graph = self.graphs.get(bucket(len(batch.seqs)) or 0)
-        if graph is not None and all(s.length == 1 and s.context > 1 for s in batch.seqs):  # decodes only
+        if graph is not None and all(is_decode(s.length, s.context) for s in batch.seqs):
             return graph(batch.tokens, batch.positions, [s.pages for s in batch.seqs])
         device = self.net.inv_freq.device
         attn = Attention.build(self.cache, [(s.start, s.length, s.context, s.pages) for s in batch.seqs],
