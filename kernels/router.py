@@ -4,8 +4,9 @@ expert score, then pick among their experts), then normalise the k weights or sc
 
 This is dsq.model.Gate's maths in one launch instead of ~10 torch ops. The logits are fp32 sums of the
 products of x and W upcast to fp32, as Gate's F.linear(x.float(), W.float()), in another summation order.
-Up to FUSED_MAX_TOKENS tokens (every decode batch) and FUSED_MAX_BYTES of W (V2-Lite's, not V2's) each
-program computes its token's logits itself, one launch instead of three (casts and GEMM) ahead of it.
+Up to FUSED_MAX_TOKENS tokens (decode batches of up to 64, not all of the CUDA graphs' buckets, which go to 256)
+and FUSED_MAX_BYTES of W (V2-Lite's, not V2's) each program computes its token's logits itself, one launch
+instead of three (casts and GEMM) ahead of it.
 Beyond, each program would re-read all of W (E x D, 0.5 MB in fp32 for V2-Lite) from L2 for its one token, a
 wave per SM count of tokens, while a GEMM reads it once per tile: there a torch GEMM makes the logits and the
 kernel reads them (a prefill chunk's ~80 launches per layer dwarf its three). Untimed: one program streams W
@@ -24,7 +25,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-FUSED_MAX_TOKENS = 64  # the largest decode batch bucket, under an H200's 132 SMs: one wave of programs
+# one program per token, each streaming all of W: up to one wave of programs on an H200's 132 SMs (64, the
+# largest batch bucket under it), so W's re-reads run side by side; larger batches keep the GEMM
+FUSED_MAX_TOKENS = 64
 # one SM streams W per token: V2-Lite's 0.5 MB in ~5 us at ~100 GB/s per SM, about the three launches it
 # replaces; V2's 3.3 MB would take ~30 us per layer, so it keeps the GEMM (guesses until bench/kernels.py's
 # router table is measured)
