@@ -101,17 +101,24 @@ def read_config(folder: Path) -> tuple[Config, Scheme]:
     """A model folder's Config and the formats its quantization_config declares."""
     hf_cfg_path = folder / "config.json"
     if not hf_cfg_path.exists() and (folder / PROGRESS).exists():
-        try:
-            source = json.loads((folder / PROGRESS).read_text())["source"]
-            if not isinstance(source, str) or not source.isprintable():
-                raise TypeError(source)
-            how = f"run `dsq quantize {source} {folder}` again, with the same options, to finish it"
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-            how = "run the same `dsq quantize` command again to finish it"
+        command = f"`{unfinished_command(folder)}`" if unfinished_command(folder) else "the same `dsq quantize` command"
+        how = f"run {command} again to finish it"
         raise DsqError(f"{folder}: is an unfinished dsq quantize output (no config.json yet); {how}")
     cfg = Config.from_file(hf_cfg_path)  # one line for a missing or invalid file
     hf_cfg = json.loads(hf_cfg_path.read_text())
     return cfg, Scheme(hf_cfg.get("quantization_config"), where=str(hf_cfg_path))
+
+
+def unfinished_command(folder: Path) -> str | None:
+    """The `dsq quantize` command line (options included) an unfinished output records, if it is readable."""
+    try:
+        state = json.loads((folder / PROGRESS).read_text())
+        command = state["command"]
+        if not isinstance(command, str) or not command.isprintable():
+            raise TypeError(command)
+        return command
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_model(folder: Path, device: torch.device, dtype: torch.dtype, rank: int = 0, world: int = 1,

@@ -19,7 +19,7 @@ import dsq
 from dsq.checkpoint import Checkpoint
 from dsq.errors import DsqError
 from dsq.inspect import size
-from dsq.loader import PROGRESS
+from dsq.loader import PROGRESS, unfinished_command
 from dsq.quantize.lock import LOCK
 from dsq.quantize.scheme import Task
 from dsq.quantize.writer import TMP, OutputFile, sha256
@@ -84,6 +84,9 @@ def prepare(out: Path, key: dict, shards: list[OutputFile], ckpt: Checkpoint, so
         if not ours:
             if not force:
                 what = "is not a dsq output" if state is None else "holds a dsq output of another source or options"
+                command = None if finished_run else unfinished_command(out)
+                if command:
+                    what = f"holds an unfinished run of another source or options, which `{command}` finishes"
                 raise DsqError(f"{out}: exists and {what}; choose another folder, or pass --force to replace "
                                "its weights")
             for pattern in OURS:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,12 +38,13 @@ from dsq.quantize.scheme import Options, Task, quantization_config, task_for
 from dsq.quantize.source import Source, check_tensors, prefetch
 from dsq.quantize.writer import OutputFile, OutputWriter, atomic_write, layout_files
 
+SHARD_SIZE = 5 * 10**9  # bytes: the largest output file, as --shard-size's default 5GB
 COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
           "tokenizer.model", "*.jinja")
 
 
 def quantize(src: str | Path, out: str | Path, opts: Options | None = None, *, revision: str | None = None,
-             shard_size: int = 5 * 10**9, device: str = "cpu", force: bool = False,
+             shard_size: int = SHARD_SIZE, device: str = "cpu", force: bool = False,
              console: Console | None = None) -> Report:
     """Quantize the checkpoint `src` (folder or Hub id) into the folder `out`; see the module docstring."""
     start = time.perf_counter()
@@ -79,6 +81,13 @@ def quantize(src: str | Path, out: str | Path, opts: Options | None = None, *, r
         raise
 
 
+def command(src: str | Path, revision: str | None, out: Path, opts: Options, shard_size: int) -> str:
+    """The `dsq quantize` command line of this run, for the hints that tell how to finish it."""
+    words = ["dsq", "quantize", str(src), str(out), *(w for f in opts.flags() for w in f.split())]
+    words += ["--shard-size", str(shard_size)] if shard_size != SHARD_SIZE else []
+    return shlex.join(words + (["--revision", revision] if revision else []))
+
+
 def _run(ckpt: Checkpoint, src: str | Path, revision: str | None, out: Path, hf_cfg: dict, opts: Options,
          tasks: list[Task], shards: list[OutputFile], key: dict, dev: torch.device, force: bool, console: Console,
          start: float) -> Report:
@@ -89,7 +98,9 @@ def _run(ckpt: Checkpoint, src: str | Path, revision: str | None, out: Path, hf_
         return Report(out, tensors, time.perf_counter() - start, 0, len(shards), len(shards))
     pending = [s for s in shards if s.name not in done]
     check_space(out, sum(s.size for s in pending))
-    state = {"dsq_version": dsq.__version__, **key, "source": str(src), "source_files": sources, "done": done,
+    state = {"dsq_version": dsq.__version__, **key, "source": str(src), "command": command(src, revision, out, opts,
+                                                                                        key["shard_size"]),
+             "source_files": sources, "done": done,
              "tensors": {t.name: tensors[t.name] for s in shards if s.name in done for t in s.tasks}}
     atomic_write(out / PROGRESS, json.dumps(state))
     for name in (MANIFEST, INDEX, "config.json"):  # unfinished from here until they are rewritten

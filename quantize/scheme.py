@@ -60,6 +60,13 @@ class Options:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def flags(self) -> list[str]:
+        """The `dsq quantize` flags that give these options (the defaults' are left out)."""
+        out = [f"{flag(r)} {getattr(self, r)}" for r in CHOICES if getattr(self, r) != getattr(Options, r)]
+        out += [f"--group-size {self.group_size}"] if self.group_size != Options.group_size else []
+        return out + [f for f, on in (("--asymmetric", not self.symmetric), ("--no-clip-search", not self.clip_search),
+                                      ("--fp8-scales block", self.fp8_block), ("--keep-dtype", self.keep_dtype)) if on]
+
     def format(self, role: str) -> str:
         """int4, fp8, or keep (unquantized: bf16, or the source dtype; see `task_for`)."""
         fmt = getattr(self, role) if role in CHOICES else "keep"

@@ -8,6 +8,8 @@ import fcntl
 import io
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -192,7 +194,8 @@ def test_ctrl_c_says_how_to_resume_and_the_same_command_finishes(src, tmp_path, 
     assert f"interrupted: the finished shards in {out} are kept; run the same command again to resume" in err
     kept = hashes(out)
     assert kept and not (out / LOCK).exists() and not (out / "config.json").exists()
-    with pytest.raises(DsqError, match=rf"unfinished dsq quantize output .*`dsq quantize {src} {out}` again"):
+    with pytest.raises(DsqError, match=rf"unfinished dsq quantize output .*`dsq quantize {src} {out} "
+                                       r"--shard-size 100000` again"):
         dsq.load_quantized(out)
     monkeypatch.undo()
     code, text, err = cli(str(src), str(out))
@@ -200,6 +203,29 @@ def test_ctrl_c_says_how_to_resume_and_the_same_command_finishes(src, tmp_path, 
     assert f"({len(kept)} resumed)" in " ".join(text.split())
     quantize(src, tmp_path / "fresh", **QUIET)
     assert hashes(out) == hashes(tmp_path / "fresh")
+
+
+def test_an_unfinished_run_names_its_whole_command(src, tmp_path, monkeypatch):
+    """The hints give the interrupted run's options, so the command they print is the one that resumes it."""
+    out = tmp_path / "out"
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    fail_after(monkeypatch, 40, interrupt)
+    assert cli(str(src), str(out), "--experts", "fp8", "--no-clip-search")[0] == 130
+    monkeypatch.undo()
+    kept = hashes(out)
+    command = f"dsq quantize {src} {out} --experts fp8 --no-clip-search --shard-size 100000"
+    with pytest.raises(DsqError, match=f"run `{re.escape(command)}` again to finish it"):
+        dsq.load_quantized(out)
+    code, _, err = cli(str(src), str(out))  # the defaults: not the run that is in OUT
+    assert code == 1 and f"holds an unfinished run of another source or options, which `{command}` finishes" in (
+        " ".join(err.split())), err
+    assert hashes(out) == kept  # refused, nothing removed
+    result = CliRunner().invoke(app, shlex.split(command)[1:])
+    assert result.exit_code == 0, result.stderr
+    assert f"({len(kept)} resumed)" in " ".join(result.stdout.split())
 
 
 def test_no_space_leaves_no_empty_out(src, tmp_path, monkeypatch):

@@ -171,8 +171,8 @@ ROWS = [
     ("src-int-dtype", False, tensors(edit("model.layers.0.input_layernorm.weight", lambda t: t.int())), (QUANTIZE,),
      "model.layers.0.input_layernorm.weight has dtype I32"),
     ("unfinished-output", False, lambda f: ((f / "config.json").unlink(), (f / ".dsq-progress.json").write_text(
-        json.dumps({"source": "SRC"}))), ALL,
-     "is an unfinished dsq quantize output (no config.json yet); run `dsq quantize SRC "),
+        json.dumps({"command": "dsq quantize SRC OUT --experts fp8"}))), ALL,
+     "is an unfinished dsq quantize output (no config.json yet); run `dsq quantize SRC OUT --experts fp8` again"),
     ("asymmetric-fp8", False, lambda f: None, (("quantize", "--experts", "fp8", "--asymmetric"),),
      "--asymmetric: applies to INT4 experts only, not --experts fp8"),
 ]
