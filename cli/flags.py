@@ -2,43 +2,32 @@
 
 from __future__ import annotations
 
-import math
 import os
-import re
 from typing import Annotated, Optional
 
 import typer
 
+from dsq.api import check_stop
+from dsq.engine import SamplingError, SamplingParams
 from dsq.errors import DsqError
 
-
-def check_device(device: str) -> None:
-    """cpu, cuda or cuda:N, with that GPU present."""
-    import torch
-
-    m = re.fullmatch(r"cpu|cuda(?::(\d+))?", device)
-    if m is None:
-        raise DsqError(f"--device {device}: dsq runs on cpu, cuda or cuda:N")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DsqError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
-        if m[1] is not None and int(m[1]) >= torch.cuda.device_count():
-            raise DsqError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) are visible "
-                           f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+SAMPLING_FLAGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "seed": "--seed",
+                  "max_tokens": "--max-new-tokens"}  # SamplingParams' fields as the commands spell them
 
 
-def check_sampling(temperature: float, top_p: float, top_k: int, seed: int | None,
-                   stop: list[str] | None = None) -> None:
-    if not (math.isfinite(temperature) and temperature >= 0):
-        raise DsqError(f"--temperature {temperature}: give a number >= 0 (0 is greedy)")
-    if not 0 < top_p <= 1:  # NaN fails this too
-        raise DsqError(f"--top-p {top_p}: give a number in (0, 1] (1 turns it off)")
-    if top_k < 0:
-        raise DsqError(f"--top-k {top_k}: give a number >= 0 (0 turns it off)")
-    if seed is not None and not 0 <= seed < 2**63:
-        raise DsqError(f"--seed {seed}: give a number in [0, 2**63)")
-    if stop is not None and "" in stop:
-        raise DsqError("--stop '': an empty stop string would stop at once; give some text")
+def sampling(temperature: float, top_p: float, top_k: int, seed: int | None, max_new_tokens: int,
+             stop: list[str] | None = None) -> SamplingParams:
+    """The sampling flags as the engine takes them, checked by the API's rules (SamplingParams, check_stop) and
+    refused in the flags' names."""
+    try:
+        params = SamplingParams(temperature, top_p, top_k, seed, max_new_tokens)
+    except SamplingError as e:
+        raise DsqError(f"{SAMPLING_FLAGS[e.field]} {e.value}: give {e.rule}") from None
+    try:
+        check_stop(stop)
+    except DsqError:  # --stop is repeatable, so a list of strings: only an empty one is refused
+        raise DsqError("--stop '': an empty stop string would stop at once; give some text") from None
+    return params
 
 
 def use_threads(threads: int | None, tp: int) -> None:

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from dsq.api import check_device
 from dsq.cli.flags import (
     TP,
     Device,
@@ -22,13 +23,13 @@ from dsq.cli.flags import (
     Revision,
     Seed,
     Threads,
-    check_device,
-    check_sampling,
     model_config,
+    sampling,
     use_threads,
 )
 from dsq.cli.quantize import quantize
 from dsq.errors import DsqError
+from dsq.memory import CONTEXT
 
 err = Console(stderr=True)
 clicks = sys.modules[typer.BadParameter.__module__]  # click's exceptions, from click or from typer's copy of it
@@ -118,8 +119,8 @@ def generate(
     threads: Threads = None,
 ) -> None:
     """Complete a prompt and print the completion as it is generated (defaults as Model.generate's)."""
-    check_sampling(temperature, top_p, top_k, seed, stop)
-    check_device(device)
+    sampling(temperature, top_p, top_k, seed, max_new_tokens, stop)
+    check_device(device, cli=True)
     if ids:
         try:
             prompt_ids = [int(t) for t in prompt.replace(",", " ").split()]
@@ -160,7 +161,7 @@ def chat(
                                               "is 1).")] = 0.95,
     top_k: Annotated[int, typer.Option(help="Sample among the k likeliest tokens (0 turns it off).")] = 0,
     seed: Seed = None,
-    context: Annotated[int, typer.Option(min=16, help="Context length in tokens (cache size).")] = 4096,
+    context: Annotated[int, typer.Option(min=16, help="Context length in tokens (cache size).")] = CONTEXT,
     chat_template: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         metavar="FILE", help="A jinja chat template to use instead of the checkpoint's.")] = None,
     device: Device = "cpu",
@@ -169,8 +170,8 @@ def chat(
     threads: Threads = None,
 ) -> None:
     """Chat with a model in the terminal, in its chat template; the reply streams as it is generated."""
-    check_sampling(temperature, top_p, top_k, seed)
-    check_device(device)
+    params = sampling(temperature, top_p, top_k, seed, max_new_tokens)
+    check_device(device, cli=True)
     if max_new_tokens >= context:
         raise DsqError(f"--max-new-tokens {max_new_tokens} leaves no room for a message in --context {context}; "
                        "ask for fewer tokens or raise --context")
@@ -186,11 +187,9 @@ def chat(
                        "tokens (max_position_embeddings); give a smaller --context")
     from dsq import load_quantized
     from dsq.chat import ChatConsole, run_chat
-    from dsq.generate import Sampling
     from dsq.launch import check_tp, terminal
     from dsq.tokenizer import Tokenizer
 
-    sampling = Sampling(temperature, top_k, top_p)
     if tp > 1:
         check_tp(tp, folder, device)
     with console.status("loading model"):  # on --tp N this process is rank 0 and starts the others
@@ -198,7 +197,7 @@ def chat(
     if chat_template is not None and m.tokenizer is not None:
         m.tokenizer = Tokenizer(folder, chat_template=chat_template)
     with terminal(m.net.dist):  # on N ranks a Ctrl-C mid-reply waits for the step's end
-        run_chat(m, sampling, max_new_tokens, context, system, seed, ChatConsole())
+        run_chat(m, params, context, system, ChatConsole())
 
 
 @command
@@ -228,7 +227,7 @@ def demo(
     """Run dsq end to end on a tiny random-weight DeepSeek-V2: no GPU, no download."""
     from dsq.demo import run_demo
 
-    check_device(device)
+    check_device(device, cli=True)
     use_threads(threads, 1)
     if folder is not None:
         run_demo(folder, device, console, keep=True)
@@ -243,7 +242,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     max_model_len: Annotated[Optional[int], typer.Option(  # noqa: UP045
-        min=16, help="Longest prompt + completion in tokens (default: 4096, at most the model's).")] = None,
+        min=16, help=f"Longest prompt + completion in tokens (default: {CONTEXT}, at most the model's).")] = None,
     kv_cache_dtype: Annotated[str, typer.Option(help="The latent cache's layout: fp8, bf16 or fp32.")] = "fp8",
     gpu_memory_utilization: Annotated[float, typer.Option(
         help="Share of the GPU's memory dsq may use; the cache takes what weights leave.")] = 0.9,
@@ -261,7 +260,7 @@ def serve(
     from dsq.cli.serve import check_flags, run_serve
 
     check_flags(kv_cache_dtype, gpu_memory_utilization, host, port)
-    check_device(device)
+    check_device(device, cli=True)
     use_threads(threads, tp)
     folder, cfg = model_config(model, revision)
     run_serve(folder, cfg, model, host, port, max_model_len, kv_cache_dtype, gpu_memory_utilization,

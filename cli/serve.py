@@ -15,8 +15,7 @@ from rich.console import Console
 
 from dsq.config import Config
 from dsq.errors import DsqError
-
-CPU_SEQUENCES = 8  # on CPU (no memory planner), the pool holds this many sequences of --max-model-len
+from dsq.memory import CONTEXT, CPU_SERVE_SEQUENCES
 
 
 def check_flags(kv_cache_dtype: str, gpu_memory_utilization: float, host: str, port: int) -> None:
@@ -47,10 +46,10 @@ def check_port(host: str, port: int) -> None:
 
 def pool_pages(net, max_model_len: int) -> int:
     """Pages of the pool: on a GPU, what the memory planner left for the cache at load (net.cache_tokens);
-    on CPU, room for CPU_SEQUENCES sequences of max_model_len tokens."""
+    on CPU, room for CPU_SERVE_SEQUENCES sequences of max_model_len tokens."""
     from dsq.engine.runner import PAGE_SIZE, planned_pages
 
-    pages = planned_pages(net, CPU_SEQUENCES * max_model_len)
+    pages = planned_pages(net, CPU_SERVE_SEQUENCES * max_model_len)
     if pages * PAGE_SIZE < max_model_len:
         raise DsqError(f"--max-model-len {max_model_len}: the cache holds only {pages * PAGE_SIZE:,} tokens; "
                        "give a smaller --max-model-len or a higher --gpu-memory-utilization")
@@ -70,7 +69,7 @@ def run_serve(folder: Path, cfg: Config, model: str, host: str, port: int, max_m
     if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
         raise DsqError(f"--max-model-len {max_model_len} is above this model's maximum of "
                        f"{cfg.max_position_embeddings} tokens (max_position_embeddings)")
-    max_model_len = max_model_len or min(4096, cfg.max_position_embeddings)
+    max_model_len = max_model_len or min(CONTEXT, cfg.max_position_embeddings)
     if tp > 1:
         check_tp(tp, folder, device)
     with console.status("loading model"):  # on --tp N this process is rank 0 (engine and server) and starts the rest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, overload
 
@@ -16,15 +17,14 @@ from dsq.engine import Engine, Request, SamplingParams
 from dsq.engine.runner import ModelRunner, follow, full_forward, planned_pages, stop_followers
 from dsq.errors import DsqError
 from dsq.formats import SCHEMES, Scheme
-from dsq.launch import Job, init, leave, spawn
+from dsq.launch import Job, check_split, init, leave, spawn
 from dsq.layers import BACKENDS
-from dsq.loader import load_model, read_config
-from dsq.memory import check_fits
+from dsq.loader import load_model
+from dsq.memory import CONTEXT, CPU_MODEL_SEQUENCES, check_fits
 from dsq.model import Transformer
-from dsq.parallel import shard_plan
 from dsq.tokenizer import TextStream, Tokenizer
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # dtype="..."
 
 
 def load_quantized(
@@ -46,8 +46,8 @@ def load_quantized(
     (the fused kernels) and "torch" elsewhere (the plain-torch reference maths). kv_cache_dtype is the MLA
     cache's layout: "fp8" (656 B per token and layer for V2), "bf16", or "fp32" (the exact reference).
     On a GPU the memory planner first checks that weights, activations and a cache of max_seq_len tokens
-    (default 4096) fit in gpu_memory_utilization of the device, and says what to change if they don't.
-    tp > 1: the model is split over tp ranks, each holding its share of the heads, experts and vocab
+    (default dsq.memory.CONTEXT, 4096) fit in gpu_memory_utilization of the device, and says what to change if
+    they don't. tp > 1: the model is split over tp ranks, each holding its share of the heads, experts and vocab
     (docs/parallel.md). This process is rank 0 and spawns the others (or, under torchrun, every process makes
     this call and only rank 0 returns: the others follow rank 0's steps and exit when it is done). Rank 0
     runs everything after; `Model.close()` (or its exit) ends the other ranks.
@@ -55,36 +55,17 @@ def load_quantized(
     checkpoint while loading it, tensor by tensor on the target device, for users who skip the offline step."""
     if options:
         raise DsqError(f"unknown option(s) {', '.join(sorted(options))} for load_quantized")
-    device = check_device(device)
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise DsqError(f"tp={tp!r}: give an integer >= 1 (the number of ranks)")
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise DsqError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    backend = backend or ("triton" if device.type == "cuda" else "torch")
-    if backend not in BACKENDS:
-        raise DsqError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    if kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise DsqError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
-    if quantize not in (None, *SCHEMES):
-        raise DsqError(f"quantize={quantize!r} is not one of {', '.join(SCHEMES)}")
-    scheme = Scheme.by_role(SCHEMES[quantize], f"quantize={quantize!r}") if quantize else None
+    device, dtype, backend, scheme = _options(device, dtype, backend, kv_cache_dtype, quantize, tp)
     folder = resolve(path_or_repo, revision)
     if tp > 1:  # every rank refuses a split the model cannot take at once, not after waiting for the others
-        cfg, declared = read_config(folder)
-        try:
-            shard_plan(cfg, tp, scheme or declared)
-        except DsqError as e:
-            raise DsqError(f"tp={tp}: {e}") from None
+        check_split(tp, folder, scheme, f"tp={tp}")
     again = dict(path_or_repo=str(folder), device=device.type, dtype=dtype, max_seq_len=max_seq_len, backend=backend,
-                kv_cache_dtype=kv_cache_dtype, gpu_memory_utilization=gpu_memory_utilization, tp=tp, quantize=quantize)
-    job = spawn(tp, load_quantized, again) if tp > 1 else None
+                 kv_cache_dtype=kv_cache_dtype, gpu_memory_utilization=gpu_memory_utilization, tp=tp, quantize=quantize)
+    job = spawn(tp, load_quantized, again) if tp > 1 else None  # ranks 1.. make this same call
     try:
         rank, device = init(tp, device) if tp > 1 else (0, device)
-        fits = check_fits(folder, device, dtype, kv_cache_dtype, gpu_memory_utilization, max_seq_len or 4096, rank,
-                          tp, scheme, backend) if device.type == "cuda" else None
+        fits = check_fits(folder, device, dtype, kv_cache_dtype, gpu_memory_utilization, max_seq_len or CONTEXT,
+                          rank, tp, scheme, backend) if device.type == "cuda" else None
         net = load_model(folder, device, dtype, rank, tp, scheme, backend=backend, kv_cache_dtype=kv_cache_dtype,
                          cache_tokens=fits.cache_tokens if fits else None)
     except BaseException:
@@ -99,30 +80,50 @@ def load_quantized(
     return Model(net, tokenizer, folder, max_seq_len, job)
 
 
-def check_device(device: str | torch.device) -> torch.device:
-    """The torch device `device` names, if dsq runs there: cpu, cuda or cuda:N of a visible GPU."""
+def _options(device: str | torch.device, dtype: torch.dtype | str | None, backend: str | None, kv_cache_dtype: str,
+             quantize: str | None, tp: int) -> tuple[torch.device, torch.dtype, str, Scheme | None]:
+    """load_quantized's arguments refused in their names, before anything is read; the defaults that depend on
+    the device filled in; the scheme `quantize` names (None: the checkpoint's own)."""
+    device = check_device(device)
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise DsqError(f"tp={tp!r}: give an integer >= 1 (the number of ranks)")
+    if isinstance(dtype, str):
+        if dtype not in TORCH_DTYPES:
+            raise DsqError(f"dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
+        dtype = TORCH_DTYPES[dtype]
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    backend = backend or ("triton" if device.type == "cuda" else "torch")
+    if backend not in BACKENDS:
+        raise DsqError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise DsqError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
+    if quantize not in (None, *SCHEMES):
+        raise DsqError(f"quantize={quantize!r} is not one of {', '.join(SCHEMES)}")
+    return device, dtype, backend, Scheme.by_role(SCHEMES[quantize], f"quantize={quantize!r}") if quantize else None
+
+
+def check_device(device: str | torch.device, cli: bool = False) -> torch.device:
+    """The torch device `device` names, if dsq runs there: cpu, cuda or cuda:N of a visible GPU. A refusal
+    names the argument as Python spells it (device='gpu'), or with `cli` as the flag (--device gpu)."""
+    said, cpu = (f"--device {device}", "--device cpu") if cli else (f"device={device!r}", "device='cpu'")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
-        raise DsqError(f"device={device!r}: dsq runs on 'cpu', 'cuda' or 'cuda:N'")
+        names = "cpu, cuda or cuda:N" if cli else "'cpu', 'cuda' or 'cuda:N'"
+        raise DsqError(f"{said}: dsq runs on {names}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DsqError(f"device={device!r}: no CUDA GPU is visible; use device='cpu'")
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise DsqError(f"device={device!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+        raise DsqError(f"{said}: no CUDA GPU is visible; use {cpu}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= (n := torch.cuda.device_count()):
+        raise DsqError(f"{said}: only {n} GPU(s) are visible (cuda:0 to cuda:{n - 1})")
     return dev
 
 
-def check_sampling(seed: int | None, stop: list[str] | None) -> None:
-    """The arguments of generate and chat that torch or the stop test would take badly."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise DsqError(f"seed={seed!r}: give an integer in [0, 2**63)")
+def check_stop(stop: list[str] | None) -> None:
+    """Stop strings, as generate and chat cut the text at them."""
     if stop is not None and (isinstance(stop, str) or any(not isinstance(s, str) or not s for s in stop)):
         raise DsqError(f"stop={stop!r}: give a list of non-empty strings (an empty one would stop at once)")
-
-
-CPU_BATCH = 4  # sequences of max_seq_len the CPU cache holds at once (more wait their turn, or are preempted)
 
 
 class Model:
@@ -134,7 +135,7 @@ class Model:
         self.net, self.tokenizer, self.folder, self.job = net, tokenizer, folder, job
         self.cfg = net.cfg
         self.max_seq_len = min(max_seq_len or net.cfg.max_position_embeddings, net.cfg.max_position_embeddings)
-        self._cpu_tokens = CPU_BATCH * min(self.max_seq_len, max_seq_len or 4096)  # a few sequences, as planned
+        self._cpu_tokens = CPU_MODEL_SEQUENCES * min(self.max_seq_len, max_seq_len or CONTEXT)
         self._engine: Engine | None = None
         self._open = True
         if net.dist.world > 1:
@@ -163,10 +164,6 @@ class Model:
         self.close()
 
     @property
-    def device(self) -> torch.device:
-        return self.net.inv_freq.device
-
-    @property
     def engine(self) -> Engine:
         if self._engine is None:
             self._engine = Engine(ModelRunner(self.net, planned_pages(self.net, self._cpu_tokens)))
@@ -180,41 +177,20 @@ class Model:
             raise DsqError(f"input_ids must be in [0, {self.cfg.vocab_size})")
         return full_forward(self.net, input_ids)
 
-    def _params(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, top_k: int,
-                seed: int | None) -> SamplingParams:
+    def _checked(self, prompts: list[list[int]], params: SamplingParams) -> SamplingParams:
+        """`params` for these prompts (every id in the vocabulary, prompt + max_tokens within the context),
+        stopping at this model's eos too."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise DsqError("every prompt needs at least one token")
         vocab = self.cfg.vocab_size
         if any(not 0 <= t < vocab for p in prompts for t in p):
             raise DsqError(f"prompt token ids must be in [0, {vocab})")
         longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > self.max_seq_len:
-            raise DsqError(f"prompt ({longest} tokens) + max new tokens ({max_new_tokens}) exceeds the context of "
+        if longest + params.max_tokens > self.max_seq_len:
+            raise DsqError(f"prompt ({longest} tokens) + max new tokens ({params.max_tokens}) exceeds the context of "
                            f"{self.max_seq_len} tokens; shorten the prompt or ask for fewer tokens")
-        if not temperature < float("inf"):
-            raise DsqError(f"temperature must be a number >= 0, got {temperature}")
-        eos = self.cfg.eos_token_id
-        return SamplingParams(temperature, top_p, top_k, seed, max_new_tokens, () if eos is None else (eos,))
+        return replace(params, stop_token_ids=(*params.stop_token_ids, self.cfg.eos_token_id))
 
-    def run(self, prompts: list[list[int]], params: SamplingParams,
-            stream: Callable[[int, Request, int | None], None] | None = None) -> list[Request]:
-        """Run prompts to the end on the engine, on this thread; `stream(i, request, token)` sees each new
-        token of prompt i (None when it finishes) and may cancel the request."""
-        engine = self.engine
-        reqs: list[Request] = []
-        try:
-            for i, p in enumerate(prompts):
-                cb = (lambda token, i=i: stream(i, reqs[i], token)) if stream is not None else None
-                reqs.append(engine.add_request(p, params, cb))
-            while not all(r.done.is_set() for r in reqs):
-                engine.step()
-        finally:  # interrupted (Ctrl-C, a closed iterator): free what is left
-            for r in reqs:
-                if not r.done.is_set():
-                    engine.cancel(r)
-            while any(not r.done.is_set() for r in reqs):
-                engine.step()
-        return reqs
     @overload
     def generate(self, prompts: str, **kw: Any) -> str: ...
     @overload
@@ -230,14 +206,15 @@ class Model:
         """Complete one prompt or a batch: token ids in, token ids out; text in, text out (needs a tokenizer).
         Greedy at temperature 0; stops at eos, at any `stop` string (cut from the text), or after
         max_new_tokens. `on_token(i, token_id)` streams every new token of prompt i."""
-        check_sampling(seed, stop)
+        params = SamplingParams(temperature, top_p, top_k, seed, max_new_tokens)
+        check_stop(stop)
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         batch = [prompts] if single else list(prompts)
         text = bool(batch) and isinstance(batch[0], str)
         if (text or stop) and self.tokenizer is None:
             raise DsqError(f"{self.folder}: no tokenizer.json, so text prompts and stop strings can't be used")
         ids = [self.tokenizer.encode(p) for p in batch] if text else batch
-        params = self._params(ids, max_new_tokens, temperature, top_p, top_k, seed)
+        params = self._checked(ids, params)
 
         def stream(i: int, req: Request, token: int | None) -> None:
             if token is None:
@@ -247,7 +224,7 @@ class Model:
             if stop and any(s in self.tokenizer.decode(req.output) for s in stop):
                 self.engine.cancel(req)
 
-        out = [r.output for r in self.run(ids, params, stream)]
+        out = [r.output for r in self.engine.generate(ids, params, stream)]
         if text:
             out = [self._cut(self.tokenizer.decode(t), stop) for t in out]
         return out[0] if single else out
@@ -256,12 +233,13 @@ class Model:
              top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
              seed: int | None = None) -> Iterator[str]:
         """Stream the assistant's reply to a conversation ([{"role": ..., "content": ...}]) as text pieces."""
-        check_sampling(seed, stop)
+        params = SamplingParams(temperature, top_p, top_k, seed, max_new_tokens)
+        check_stop(stop)
         if self.tokenizer is None:
             raise DsqError(f"{self.folder}: no tokenizer.json, so chat is not possible")
         ids = self.tokenizer.encode_chat(messages)
         stream, text = TextStream(self.tokenizer), ""
-        for token in self.stream(ids, self._params([ids], max_new_tokens, temperature, top_p, top_k, seed)):
+        for token in self.stream(ids, params):
             piece = stream.push(token)
             if stop and any(s in text + piece for s in stop):
                 yield self._cut(text + piece, stop)[len(text):]
@@ -270,8 +248,9 @@ class Model:
             yield piece
 
     def stream(self, prompt: list[int], params: SamplingParams) -> Iterator[int]:
-        """One prompt's new tokens as the engine makes them (eos not included); closing the iterator early
-        cancels the request and frees its pages."""
+        """One prompt's new tokens as the engine makes them, until eos (not included) or `params.max_tokens`;
+        closing the iterator early cancels the request and frees its pages."""
+        params = self._checked([prompt], params)
         made: list[int] = []
         engine, req = self.engine, None
         try:

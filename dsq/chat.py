@@ -12,8 +12,9 @@ from collections.abc import Iterator
 from rich.console import Console
 
 from dsq.api import Model
+from dsq.engine import SamplingParams
 from dsq.errors import DsqError
-from dsq.generate import GREEDY, Sampling
+from dsq.memory import CONTEXT
 from dsq.parallel import Interrupt
 from dsq.tokenizer import TextStream
 
@@ -24,6 +25,7 @@ HELP = """/system TEXT  set the system prompt (starts a new conversation)
 A pasted block of lines is one message; or end a line with a backslash (\\) to continue it on the next line.
 Ctrl-C stops a reply; the conversation keeps what was said."""
 PROMPT, MORE = "[bold green]> [/]", "[green]. [/]"
+REPLY = SamplingParams(max_tokens=512)  # greedy, up to 512 tokens: a reply's default
 
 
 class ChatConsole(Console):
@@ -46,7 +48,7 @@ class ChatSession:
     """A conversation whose tokens stay in the engine's cache: the pages of the full blocks it shares with the
     previous turn (system prompt, earlier turns) are reused, so a turn mostly runs the tokens not seen before."""
 
-    def __init__(self, model: Model, context: int = 4096, system: str | None = None):
+    def __init__(self, model: Model, context: int = CONTEXT, system: str | None = None):
         if model.tokenizer is None:
             raise DsqError(f"{model.folder}: no tokenizer.json, so chat is not possible")
         if context > model.max_seq_len:
@@ -81,25 +83,23 @@ class ChatSession:
             self.messages = self.messages[2:] if len(self.messages) > 2 else self.messages[1:]
             self.dropped += 1
 
-    def reply(self, text: str, sampling: Sampling = GREEDY, max_new_tokens: int = 512,
-              seed: int | None = None) -> Iterator[str]:
-        """Stream the assistant's reply to `text`. Closing the iterator early keeps the partial reply."""
+    def reply(self, text: str, sampling: SamplingParams = REPLY) -> Iterator[str]:
+        """Stream the assistant's reply to `text`, of at most `sampling.max_tokens` tokens. Closing the iterator
+        early keeps the partial reply."""
         self.messages.append({"role": "user", "content": text})
-        ids = self._prompt(max_new_tokens)
-        model = self.model
-        params = model._params([ids], max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k, seed)
-        stream, answer = TextStream(model.tokenizer), ""
+        ids = self._prompt(sampling.max_tokens)
+        stream, answer = TextStream(self.model.tokenizer), ""
         t0, n, eos = time.perf_counter(), 0, True
         try:
-            for token in model.stream(ids, params):
+            for token in self.model.stream(ids, sampling):
                 n += 1
                 piece = stream.push(token)
                 answer += piece
                 yield piece
-            eos = n < max_new_tokens
+            eos = n < sampling.max_tokens
         finally:
             self.messages.append({"role": "assistant", "content": answer.strip()})
-            self.stats = {"tokens": n, "seconds": time.perf_counter() - t0, "cut": n == max_new_tokens and not eos}
+            self.stats = {"tokens": n, "seconds": time.perf_counter() - t0, "cut": n == sampling.max_tokens and not eos}
 
     @property
     def used(self) -> int:
@@ -117,15 +117,14 @@ def read_message(console: Console) -> str:
     return "\n".join(lines).strip()
 
 
-def run_chat(model: Model, sampling: Sampling, max_new_tokens: int, context: int, system: str | None,
-             seed: int | None, console: Console) -> None:
+def run_chat(model: Model, sampling: SamplingParams, context: int, system: str | None, console: Console) -> None:
     """The interactive loop: read a message, stream the reply, show speed and context use. A turn that fails
     (a message too long for the context, a model producing NaN) says so and the session goes on."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (arrow-key editing, history and bracketed paste for input())
     session = ChatSession(model, context, system)
     console.print(f"[bold]dsq chat[/] {model.folder.name} · context {session.context} tokens · "
-                  f"up to {max_new_tokens} tokens a reply · /help for commands", highlight=False)
+                  f"up to {sampling.max_tokens} tokens a reply · /help for commands", highlight=False)
     console.print(f"[dim]template: {model.tokenizer.template_source}[/]", highlight=False)
     if system:
         console.print(f"system: {system}", style="dim", markup=False, highlight=False)
@@ -156,7 +155,7 @@ def run_chat(model: Model, sampling: Sampling, max_new_tokens: int, context: int
                 console.print(f"[red]unknown command {cmd}[/]; /help lists them")
             continue
         dropped = session.dropped
-        pieces = session.reply(line, sampling, max_new_tokens, seed)
+        pieces = session.reply(line, sampling)
         try:
             for piece in pieces:
                 console.print(piece, end="", markup=False, highlight=False)
@@ -168,7 +167,8 @@ def run_chat(model: Model, sampling: Sampling, max_new_tokens: int, context: int
             continue
         s = session.stats
         if s["cut"]:
-            console.print(f"\n[yellow](cut at {max_new_tokens} tokens: --max-new-tokens)[/]", end="", highlight=False)
+            console.print(f"\n[yellow](cut at {sampling.max_tokens} tokens: --max-new-tokens)[/]", end="",
+                          highlight=False)
         console.print(f"\n[dim]{s['tokens']} tokens · {s['tokens'] / max(s['seconds'], 1e-9):.1f} tok/s · "
                       f"context {session.used}/{session.context}[/]", highlight=False)
         if session.dropped > dropped:

@@ -107,6 +107,7 @@ def run_demo(folder: Path, device: str, console, keep: bool = True) -> None:
 
     import dsq
     from dsq.chat import ChatSession
+    from dsq.engine import SamplingParams
     from dsq.quantize.run import quantize
 
     console.print("[bold]dsq demo[/]: a tiny DeepSeek-V2 (MLA + DeepSeekMoE) with [bold]random weights[/], so "
@@ -139,7 +140,7 @@ def run_demo(folder: Path, device: str, console, keep: bool = True) -> None:
     console.print(f"4. a chat turn on the quantized model ({device}, FP8 latent cache)\n"
                   f"   [bold]User:[/] {question}\n   [bold]Assistant:[/]", end="")
     session = ChatSession(model, context=512)
-    for piece in session.reply(question, max_new_tokens=24):
+    for piece in session.reply(question, SamplingParams(max_tokens=24)):
         console.print(piece, end="", markup=False, highlight=False)
     n, seconds = session.stats["tokens"], session.stats["seconds"]
     console.print(f"\n   {n} tokens in {seconds:.2f} s ({n / seconds:.1f} tok/s, prefill included)")

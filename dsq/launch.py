@@ -28,6 +28,7 @@ import torch
 import torch.distributed as td
 
 from dsq.errors import DsqError
+from dsq.formats import Scheme
 from dsq.loader import read_config
 from dsq.parallel import Dist, Interrupt, open_commands, shard_plan
 
@@ -90,15 +91,22 @@ def timeout() -> float:
     return float(os.environ.get(TIMEOUT, 600))
 
 
-def check_tp(world: int, folder: Path, device: str) -> None:
-    """Refuse `--tp world` before a rank is spawned: a split the model cannot take (the shard plan of its
-    config.json; no weights are read), or more ranks than there are GPUs (cuda) or CPU cores (cpu) to run
-    them, which would only start interpreters that fight over memory."""
-    cfg, scheme = read_config(folder)
+def check_split(world: int, folder: Path, scheme: Scheme | None, said: str) -> None:
+    """Refuse a split the model cannot take: the shard plan of its config.json (no weights are read), in
+    `scheme`'s formats or those it declares. `said` is how the caller spells the option: "tp=4", "--tp 4"."""
+    cfg, declared = read_config(folder)
     try:
-        shard_plan(cfg, world, scheme)
+        shard_plan(cfg, world, scheme or declared)
     except DsqError as e:
-        raise DsqError(f"--tp {world}: {e}") from None
+        raise DsqError(f"{said}: {e}") from None
+
+
+def check_tp(world: int, folder: Path, device: str) -> None:
+    """`--tp world` before a command loads the model: the split (as load_quantized checks it, but named by the
+    flag), then more ranks than there are GPUs (cuda) or CPU cores (cpu) to run them, which would only start
+    interpreters that fight over memory. The API does not refuse the latter (its tests run 4 CPU ranks on 2 cores),
+    and load_quantized spawns right after its own split check, so the command checks both here first."""
+    check_split(world, folder, None, f"--tp {world}")
     if device.startswith("cuda"):
         have, what = torch.cuda.device_count(), "GPU(s) are visible, one per rank"
     else:

@@ -3,7 +3,7 @@ free, so a model that does not fit gets a sentence saying what to change instead
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +18,13 @@ from dsq.model import MLA, Transformer
 from dsq.parallel import Dist, shard_plan
 
 GB = 1e9
+CONTEXT = 4096  # the default context (max_seq_len, dsq chat --context, dsq serve --max-model-len): the tokens
+# one sequence may hold, which the planner must find room for
+PREFILL = 4096  # the longest prefill forward the activations are planned for
+# On CPU no planner sizes the cache: it holds this many sequences of the context. A Model's own engine (generate,
+# chat) serves one caller's batch, whose extra prompts wait their turn; `dsq serve` serves many clients at once.
+CPU_MODEL_SEQUENCES = 4
+CPU_SERVE_SEQUENCES = 8
 
 
 def weight_bytes(cfg: Config, scheme: Scheme | None = None, dtype: torch.dtype = torch.bfloat16, world: int = 1,
@@ -38,11 +45,12 @@ def weight_bytes(cfg: Config, scheme: Scheme | None = None, dtype: torch.dtype =
     return out
 
 
-def activation_bytes(cfg: Config, tokens: int, dtype_bytes: int = 2) -> int:
+def activation_bytes(cfg: Config, tokens: int, dtype_bytes: int = 2, heads: int | None = None) -> int:
     """A bound on the transient memory of one forward over `tokens` tokens (prefill, naive attention):
-    the residual stream and the widest MLP / MoE intermediate, expanded K/V and fp32 scores of one layer, and
-    fp32 logits of one row per sequence. Good to ~2x, which the headroom below absorbs."""
-    h = cfg.num_attention_heads
+    the residual stream and the widest MLP / MoE intermediate, expanded K/V and fp32 scores of one layer over
+    `heads` (a rank's share; None: all), and fp32 logits of one row per sequence. Good to ~2x, which the
+    headroom below absorbs."""
+    h = cfg.num_attention_heads if heads is None else heads
     mlp = max(cfg.intermediate_size, cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts))
     per_token = dtype_bytes * (4 * cfg.hidden_size + 3 * mlp + h * (2 * cfg.qk_head_dim + 2 * cfg.v_head_dim))
     scores = 4 * h * min(tokens, 8192) ** 2  # SDPA's math path materialises them; flash kernels do not
@@ -57,22 +65,17 @@ class MemoryPlan:
     budget: int  # bytes dsq may use on the device
     cache_tokens: int  # what the cache can hold, all sequences together
 
-    def describe(self) -> str:
-        return (f"weights {self.weights / GB:.2f} GB + activations {self.activations / GB:.2f} GB + cache "
-                f"{self.cache_tokens:,} tokens x {self.cache_per_token / 1e3:.1f} KB = "
-                f"{(self.weights + self.activations + self.cache_tokens * self.cache_per_token) / GB:.2f} GB "
-                f"of {self.budget / GB:.2f} GB")
-
 
 def memory_plan(cfg: Config, weights: int, total: int, free: int, utilization: float = 0.9,
-                kv_cache_dtype: str = "fp8", need_tokens: int = 4096, prefill_tokens: int = 4096,
-                dtype_bytes: int = 2, int4_experts: bool = True) -> MemoryPlan:
+                kv_cache_dtype: str = "fp8", need_tokens: int = CONTEXT, prefill_tokens: int = PREFILL,
+                dtype_bytes: int = 2, int4_experts: bool = True, heads: int | None = None) -> MemoryPlan:
     """Size the cache from what is left of `utilization` x the device's memory (minus what others hold) once
-    weights and activations are placed; refuse, saying what to change, if `need_tokens` do not fit."""
+    weights and activations (over `heads`, a rank's share) are placed; refuse, saying what to change, if
+    `need_tokens` do not fit."""
     if not 0 < utilization <= 1:
         raise DsqError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
     budget = int(total * utilization) - (total - free)
-    act = activation_bytes(cfg, prefill_tokens, dtype_bytes)
+    act = activation_bytes(cfg, prefill_tokens, dtype_bytes, heads)
     per_token = bytes_per_token(cfg, kv_cache_dtype)
     tokens = max((budget - weights - act) // per_token, 0)
     if tokens < need_tokens:
@@ -89,19 +92,17 @@ def memory_plan(cfg: Config, weights: int, total: int, free: int, utilization: f
     return MemoryPlan(weights, act, per_token, budget, tokens)
 
 
-def cache_tokens(cfg: Config, world: int, gpu_bytes: int, scheme: Scheme | None = None,
-                 kv_cache_dtype: str = "fp8", prefill: int = 4096, overhead: int = 1 << 30) -> dict[str, int]:
-    """The memory plan of one GPU of `gpu_bytes` in a `world`-GPU job: rank 0's weights (it holds the most),
-    the activations of a `prefill`-token forward over its heads (`activation_bytes`), `overhead` for the CUDA
-    context and NCCL buffers, and how many tokens of latent cache the rest holds. The cache is replicated,
-    so that is the job's capacity too, shared by all sequences."""
-    weights = sum(weight_bytes(cfg, scheme, world=world).values())
-    heads = shard_plan(cfg, world, scheme)[0].heads
-    act = activation_bytes(replace(cfg, num_attention_heads=heads[1] - heads[0]), prefill)
-    free = gpu_bytes - weights - act - overhead
-    per_token = bytes_per_token(cfg, kv_cache_dtype)
-    return {"weights": weights, "activations": act, "overhead": overhead, "free": free, "per_token": per_token,
-            "tokens": max(free, 0) // per_token}
+def rank_plan(cfg: Config, scheme: Scheme, total: int, free: int, dtype: torch.dtype = torch.bfloat16,
+              kv_cache_dtype: str = "fp8", utilization: float = 0.9, tokens: int = CONTEXT, rank: int = 0,
+              world: int = 1, backend: str = "triton") -> MemoryPlan:
+    """The plan of `rank` of a `world`-rank job on a device of `total` bytes, `free` of them free: its weights
+    (its slices and experts, in `scheme`'s formats) and the activations of its heads, a cache of at least
+    `tokens` tokens (the cache is replicated: what one rank holds is the job's capacity)."""
+    weights = sum(weight_bytes(cfg, scheme, dtype, world, rank, backend).values())
+    heads = shard_plan(cfg, world, scheme)[rank].heads
+    return memory_plan(cfg, weights, total, free, utilization, kv_cache_dtype, need_tokens=tokens,
+                       prefill_tokens=min(tokens, PREFILL), dtype_bytes=torch.empty(0, dtype=dtype).element_size(),
+                       int4_experts=scheme.uses(Int4Group), heads=heads[1] - heads[0])
 
 
 def check_fits(folder: Path, device: torch.device, dtype: torch.dtype, kv_cache_dtype: str, utilization: float,
@@ -109,10 +110,6 @@ def check_fits(folder: Path, device: torch.device, dtype: torch.dtype, kv_cache_
                backend: str = "triton") -> MemoryPlan:
     """Run the memory planner against the device's free memory before anything is allocated."""
     cfg, declared = read_config(folder)
-    scheme = scheme or declared
-    int4 = scheme.uses(Int4Group)
     free, total = torch.cuda.mem_get_info(device)
-    weights = sum(weight_bytes(cfg, scheme, dtype, world, rank, backend).values())  # this rank's slices and experts
-    return memory_plan(cfg, weights, total, free, utilization, kv_cache_dtype, need_tokens=tokens,
-                       prefill_tokens=min(tokens, 4096), dtype_bytes=torch.empty(0, dtype=dtype).element_size(),
-                       int4_experts=int4)
+    return rank_plan(cfg, scheme or declared, total, free, dtype, kv_cache_dtype, utilization, tokens, rank, world,
+                     backend)

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from dsq.engine import Engine, SamplingParams
 from dsq.errors import DsqError
+from dsq.memory import CONTEXT
 from dsq.tokenizer import TextStream, Tokenizer
 
 
@@ -141,7 +142,7 @@ async def _cancel_on_disconnect(request: Request, gen: Generation) -> None:
 
 
 def create_app(engine: Engine, tokenizer: Tokenizer, served_model_name: str, api_key: str | None = None,
-               max_model_len: int = 4096, queue_limit: int = 256) -> FastAPI:
+               max_model_len: int = CONTEXT, queue_limit: int = 256) -> FastAPI:
     """The app; its lifespan runs the engine's loop thread. At most `queue_limit` requests are in the engine
     (waiting or running) at once; more get 429."""
 
@@ -269,7 +270,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, served_model_name: str, api
 
 
 def serve(engine: Engine, tokenizer: Tokenizer, served_model_name: str, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, max_model_len: int = 4096, queue_limit: int = 256) -> None:
+          api_key: str | None = None, max_model_len: int = CONTEXT, queue_limit: int = 256) -> None:
     """Serve until SIGINT or SIGTERM, then stop cleanly: no new connections, the engine stops and cancels the
     requests in flight, so their responses end (a stream with its last chunk and [DONE]) and the process exits 0."""
     import uvicorn

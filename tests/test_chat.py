@@ -11,7 +11,7 @@ from tiny import endless, make_tiny
 import dsq
 from dsq.chat import ChatSession
 from dsq.demo import write_tokenizer
-from dsq.generate import Sampling
+from dsq.engine import SamplingParams
 
 PLAIN = {**os.environ, "TERM": "dumb"}  # rich writes no escape codes to match around
 
@@ -26,10 +26,10 @@ def chat_model(tmp_path_factory):
 def test_continuing_the_cache_equals_recomputing(chat_model):
     model = dsq.load_quantized(chat_model, kv_cache_dtype="fp32")  # exact, so equal means equal
     session = ChatSession(model, context=512, system="Be brief.")
-    hot = Sampling(temperature=1.0)
-    first = "".join(session.reply("Hello there", hot, max_new_tokens=10, seed=1))
+    hot = lambda seed: SamplingParams(temperature=1.0, seed=seed, max_tokens=10)
+    first = "".join(session.reply("Hello there", hot(1)))
     used = session.used
-    second = "".join(session.reply("Tell me more.", hot, max_new_tokens=10, seed=2))
+    second = "".join(session.reply("Tell me more.", hot(2)))
     assert session.used > used  # the second turn added to the cache instead of starting over
     history = [{"role": "system", "content": "Be brief."}, *session.messages[:-1]]
     redo = model.generate(model.tokenizer.encode_chat(history), max_new_tokens=10, temperature=1.0, seed=2)
@@ -40,7 +40,7 @@ def test_continuing_the_cache_equals_recomputing(chat_model):
 def test_context_full_drops_oldest_turns(chat_model):
     session = ChatSession(dsq.load_quantized(chat_model), context=96)
     for i in range(6):
-        "".join(session.reply(f"message number {i} " * 3, max_new_tokens=8))
+        "".join(session.reply(f"message number {i} " * 3, SamplingParams(max_tokens=8)))
     assert session.dropped > 0
     assert session.messages[0]["content"] != "message number 0 " * 3
     assert session.used <= 96

@@ -14,6 +14,7 @@ from tiny import make_tiny
 import dsq
 from dsq.chat import ChatSession
 from dsq.demo import write_tokenizer
+from dsq.engine import SamplingParams
 from dsq.errors import DsqError
 
 # TERM=xterm: readline enables bracketed paste only on a capable terminal; rich's colours are then matched
@@ -122,7 +123,7 @@ def test_counter_is_the_conversation(chat_model):
     model = dsq.load_quantized(chat_model)
     session = ChatSession(model, context=512, system="Be brief.")
     for text in ("Hello there", "And again"):
-        "".join(session.reply(text, max_new_tokens=5))
+        "".join(session.reply(text, SamplingParams(max_tokens=5)))
         held = model.tokenizer.encode_chat([{"role": "system", "content": "Be brief."}, *session.messages],
                                            add_generation_prompt=False)
         assert session.used == len(held)
@@ -132,12 +133,12 @@ def test_counter_is_the_conversation(chat_model):
 def test_a_message_too_long_ends_the_turn_not_the_session(chat_model):
     model = dsq.load_quantized(chat_model)
     session = ChatSession(model, context=64)
-    "".join(session.reply("Hi", max_new_tokens=4))
+    "".join(session.reply("Hi", SamplingParams(max_tokens=4)))
     before = list(session.messages)
     with pytest.raises(DsqError, match="do not fit the context of 64"):
-        "".join(session.reply("word " * 200, max_new_tokens=4))
+        "".join(session.reply("word " * 200, SamplingParams(max_tokens=4)))
     assert session.messages == before  # the conversation is as it was
-    "".join(session.reply("Hi again", max_new_tokens=4))
+    "".join(session.reply("Hi again", SamplingParams(max_tokens=4)))
     assert session.messages[-2] == {"role": "user", "content": "Hi again"}
 
 

@@ -50,7 +50,7 @@ def test_requests_finish_in_arrival_order_under_preemption():
     order: list[int] = []
     reqs = [engine.add_request(p, SamplingParams(max_tokens=20), lambda t, i=i: t is None and order.append(i))
             for i, p in enumerate(prompts(6, lo=20, hi=20, seed=10))]
-    while engine.has_work():
+    while engine.requests:
         engine.step()
     assert engine.scheduler.preemptions > 0 and order == list(range(len(reqs)))
 
@@ -103,7 +103,7 @@ def test_cancel_returns_the_pages():
     assert engine.pool.used > 0 and [r.status.value for r in reqs] == ["running"] * 2 + ["waiting"] * 2
     reqs[0].cancel()  # running
     reqs[3].cancel()  # waiting
-    while engine.has_work():
+    while engine.requests:
         engine.step()
     assert [r.finish_reason for r in reqs] == ["cancelled", "length", "length", "cancelled"]
     assert len(reqs[0].output) == 2 and reqs[3].output == []
@@ -139,7 +139,7 @@ def test_a_seed_reproduces_the_samples_whatever_the_batch():
     engine = Engine(FakeRunner())
     reqs = [engine.add_request(q, SamplingParams(max_tokens=16, temperature=1.0)) for q in others]
     reqs.append(engine.add_request(p, seeded))
-    while engine.has_work():
+    while engine.requests:
         engine.step()
     assert reqs[-1].output == by_itself == mixed[-1].output
     assert alone(p, SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=20, seed=12)) != by_itself
@@ -202,7 +202,7 @@ def test_the_loop_thread_serves_requests_from_other_threads():
     engine.stop()  # whether the loop got to it or not, it ends now and gives its pages back
     assert [results[i] for i in range(len(ps))] == [alone(p, GREEDY, page_size=4) for p in ps]
     assert late.done.is_set() and late.finish_reason in ("cancelled", "length")
-    assert engine.pool.used == 0 and not engine.has_work()
+    assert engine.pool.used == 0 and not engine.requests
 
 
 def test_a_request_larger_than_the_pool_is_refused():

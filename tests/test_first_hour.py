@@ -20,8 +20,8 @@ import dsq
 import dsq.cli.main
 from dsq.cli.main import app
 from dsq.config import Config
+from dsq.engine import SamplingParams
 from dsq.errors import DsqError
-from dsq.generate import Sampling
 
 DSQ = [sys.executable, "-m", "dsq.cli.main"]
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
@@ -139,8 +139,8 @@ def test_cuda_without_a_gpu_is_refused_in_cli_spelling(nothing_loads):
 
 
 def test_api_errors_use_argument_names():
-    with pytest.raises(DsqError, match=r"^temperature must") as e:
-        Sampling(temperature=float("nan"))
+    with pytest.raises(DsqError, match=r"^temperature=nan: give a number >= 0") as e:
+        SamplingParams(temperature=float("nan"))
     assert "--" not in str(e.value)
 
 

@@ -44,7 +44,7 @@ def test_graph_replay_equals_the_same_step_run_eagerly(tiny):
     assert sorted(runner.graphs) == [1, 2, 4]
     engine = Engine(runner)
     reqs = [engine.add_request(p, SamplingParams(max_tokens=8)) for p in ([5, 6, 7, 8], [9, 10], [11])]
-    while engine.has_work():
+    while engine.requests:
         engine.step()
     assert all(len(r.output) == 8 for r in reqs)
     decoder = runner.graphs[4]

@@ -90,7 +90,7 @@ def test_graph_decode_gives_the_eager_tokens(tmp_path, monkeypatch):
         engine.step()
         engine.step()  # decodes of the first three running: two more join
         later = [engine.add_request(p, q) for p, q in zip(prompts[3:], params[3:], strict=True)]
-        while engine.has_work():
+        while engine.requests:
             engine.step()
         return [r.output for r in first + later]
 

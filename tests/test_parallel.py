@@ -33,7 +33,7 @@ from dsq.errors import DsqError
 from dsq.formats import Scheme
 from dsq.launch import START, TIMEOUT
 from dsq.loader import checkpoint_tensors, load_model, read_config
-from dsq.memory import cache_tokens, weight_bytes
+from dsq.memory import rank_plan, weight_bytes
 from dsq.parallel import shard_plan as plan
 from dsq.parallel import span
 
@@ -285,10 +285,14 @@ def test_full_v2_memory_plan():
     gb = lambda world: round(sum(weight_bytes(cfg, scheme, world=world).values()) / 1e9, 2)
     assert [gb(w) for w in (1, 2, 4, 8)] == [131.09, 65.97, 33.41, 17.13]
     assert bytes_per_token(cfg, "fp8") == 656 * 60
-    mib = 1 << 20
-    tokens = {name: cache_tokens(cfg, world, n * mib, scheme)["tokens"] for name, world, n in
-              (("8x80", 8, 81559), ("8x24", 8, 23028), ("4x80", 4, 81559), ("2x80", 2, 81559), ("1x141", 1, 143771))}
-    assert tokens == {"8x80": 1668358, "8x24": 109054, "4x80": 1225321, "2x80": 339248, "1x141": 224470}
+    # the cache load_quantized plans on an empty GPU of n MiB (what nvidia-smi reports), on the Triton backend
+    cache = lambda world, n, use=0.9: rank_plan(cfg, scheme, n << 20, n << 20, utilization=use, world=world)
+    tokens = {name: cache(world, n).cache_tokens for name, world, n in
+              (("8x80", 8, 81559), ("8x24", 8, 23028), ("4x80", 4, 81559), ("2x80", 2, 81559))}
+    assert tokens == {"8x80": 1484753, "8x24": 81380, "4x80": 1048110, "2x80": 174825}
+    with pytest.raises(DsqError, match=r"does not fit: it needs 139\.0 GB .* but 135\.7 GB are free"):
+        cache(1, 143771)  # one H200 at the default gpu_memory_utilization
+    assert cache(1, 143771, 0.95).cache_tokens == 111392
 
 
 # --- the CLI: launching, following rank 0, and dying cleanly -----------------------------------------------

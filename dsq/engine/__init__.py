@@ -2,8 +2,8 @@
 
 from dsq.engine.engine import Engine, Runner, sample
 from dsq.engine.pages import PagePool
-from dsq.engine.request import Request, SamplingParams, Status
+from dsq.engine.request import Request, SamplingError, SamplingParams, Status
 from dsq.engine.scheduler import Scheduler, SeqSlice, StepBatch
 
-__all__ = ["Engine", "PagePool", "Request", "Runner", "SamplingParams", "Scheduler", "SeqSlice", "Status",
-           "StepBatch", "sample"]
+__all__ = ["Engine", "PagePool", "Request", "Runner", "SamplingError", "SamplingParams", "Scheduler", "SeqSlice",
+           "Status", "StepBatch", "sample"]

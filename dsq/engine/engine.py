@@ -93,9 +93,6 @@ class Engine:
         """Whether the loop thread is serving."""
         return self._thread is not None and self._thread.is_alive()
 
-    def has_work(self) -> bool:
-        return bool(self.requests)
-
     def step(self) -> None:
         with self._wake:
             inbox, self._inbox = self._inbox, []
@@ -121,11 +118,24 @@ class Engine:
             if len(req.tokens) - req.num_prompt >= req.params.max_tokens:
                 self._finish(req, "length")
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Request]:
-        """Run these prompts to the end on the calling thread (not while the loop thread runs)."""
-        reqs = [self.add_request(p, params) for p in prompts]
-        while not all(r.done.is_set() for r in reqs):
-            self.step()
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 stream: Callable[[int, Request, int | None], None] | None = None) -> list[Request]:
+        """Run these prompts to the end on the calling thread (not while the loop thread runs). `stream(i, request,
+        token)` sees each new token of prompt i (None when it finishes) and may cancel the request. Interrupted
+        (Ctrl-C, an exception from `stream`), it cancels what is left, so the pages are free again."""
+        reqs: list[Request] = []
+        try:
+            for i, p in enumerate(prompts):
+                cb = (lambda token, i=i: stream(i, reqs[i], token)) if stream is not None else None
+                reqs.append(self.add_request(p, params, cb))
+            while not all(r.done.is_set() for r in reqs):
+                self.step()
+        finally:
+            for r in reqs:
+                if not r.done.is_set():
+                    self.cancel(r)
+            while not all(r.done.is_set() for r in reqs):
+                self.step()
         return reqs
 
     def start(self) -> None:

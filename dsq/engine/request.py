@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,11 +14,21 @@ import torch
 from dsq.errors import DsqError
 
 
+class SamplingError(DsqError):
+    """A SamplingParams field out of its range. `field`, `value` and `rule` let a caller that spells the field
+    its own way (the CLI's --top-p) say so in its words; the message is the Python API's (`top_p=0: give ...`)."""
+
+    def __init__(self, field: str, value: object, rule: str):
+        super().__init__(f"{field}={value!r}: give {rule}")
+        self.field, self.value, self.rule = field, value, rule
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off. A seed makes the samples of this
     request reproducible whatever else is in the batch. Stop strings are the detokenizer's business (the server
-    cuts them); the engine stops on `stop_token_ids` (not included in the output) and after `max_tokens`."""
+    cuts them); the engine stops on `stop_token_ids` (not included in the output) and after `max_tokens`.
+    The one place the sampling rules are checked: every caller (API, CLI, server) builds one of these."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -27,14 +38,17 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
-        if not 0 <= self.temperature < float("inf"):  # NaN fails this too
-            raise DsqError(f"temperature must be a number >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise DsqError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise DsqError(f"top_k must be >= 0, got {self.top_k}")
-        if self.max_tokens < 1:
-            raise DsqError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        seed = self.seed
+        rules = {
+            "temperature": (0 <= self.temperature < math.inf, "a number >= 0 (0 is greedy)"),  # NaN fails this too
+            "top_p": (0 < self.top_p <= 1, "a number in (0, 1] (1 turns it off)"),
+            "top_k": (self.top_k >= 0, "an integer >= 0 (0 turns it off)"),
+            "seed": (seed is None or (type(seed) is int and 0 <= seed < 2**63), "an integer in [0, 2**63)"),
+            "max_tokens": (self.max_tokens >= 1, "an integer >= 1"),
+        }
+        for field, (ok, rule) in rules.items():
+            if not ok:
+                raise SamplingError(field, getattr(self, field), rule)
 
 
 class Status(enum.Enum):
@@ -67,10 +81,6 @@ class Request:
         self.computed = 0
         self.block_hashes: list[bytes] = []
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-
-    @property
-    def prompt(self) -> list[int]:
-        return self.tokens[:self.num_prompt]
 
     @property
     def output(self) -> list[int]:

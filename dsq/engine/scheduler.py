@@ -49,9 +49,6 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order: the last one is the newest
         self.preemptions = 0
 
-    def __len__(self) -> int:
-        return len(self.waiting) + len(self.running)
-
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
