@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 import dsq
+from dsq.api import check_device
 from dsq.checkpoint import Checkpoint, check_config, resolve
 from dsq.config import Config
 from dsq.errors import DsqError
@@ -50,7 +51,7 @@ def quantize(src: str | Path, out: str | Path, opts: Options | None = None, *, r
     start = time.perf_counter()
     opts = opts or Options()
     console = console or Console()
-    dev = _device(device)
+    dev = check_device(device, cli=True)
     if shard_size < 1:
         raise DsqError(f"--shard-size {shard_size}: must be positive")
     folder = resolve(src, revision)
@@ -168,18 +169,6 @@ def _run(ckpt: Checkpoint, src: str | Path, revision: str | None, out: Path, hf_
     _finish(out, folder, src, revision, hf_cfg, opts, shards, state)
     return Report(out, state["tensors"], time.perf_counter() - start, sum(t.nbytes for t in todo), len(shards),
                   len(shards) - len(pending))
-
-
-def _device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise DsqError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DsqError(f"--device {device}: no CUDA GPU is visible; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise DsqError(f"--device {device}: dsq quantizes on cpu or cuda")
-    return dev
 
 
 def _source_config(folder: Path) -> tuple[Config, dict]:
