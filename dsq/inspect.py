@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from dsq.checkpoint import DTYPES, ROLES, Checkpoint, resolve, role
-from dsq.config import Config
+from dsq.config import PRESETS, Config
+from dsq.errors import DsqError
 from dsq.loader import read_config
 
 ROWS = (*(r for r, _ in ROLES), "other")  # the tables' rows: every role, then the tensors no role matches
@@ -45,6 +46,9 @@ def shape(cfg: Config) -> str:
 
 
 def describe(model: str, revision: str | None, console: Console) -> None:
+    if "/" not in model and not Path(model).expanduser().exists():  # neither a folder nor a repo id: a preset?
+        raise DsqError(f"{model}: no such folder, not a Hub repo id (owner/name), and not a preset "
+                       f"({', '.join(PRESETS)})")
     folder = resolve(model, revision)
     cfg, _ = read_config(folder)  # one line for a missing, invalid or unfinished one
     hf = json.loads((Path(folder) / "config.json").read_text())

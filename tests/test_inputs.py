@@ -156,6 +156,16 @@ def test_offline_hub_id_not_cached(tmp_path):
     assert_one_line_error(run, "deepseek-ai/DeepSeek-V2-Lite", "HF_HUB_OFFLINE")
 
 
+def test_names_that_are_no_model(tiny):
+    """A revision cannot pin a local folder (ignoring it would load what was not asked for); a name that is no
+    folder, repo id or preset lists the presets."""
+    assert_one_line_error(cli("generate", str(tiny), "--prompt", "1", "--ids", "--revision", "main"),
+                          str(tiny), "--revision")
+    with raises_one_line("is a local folder, which has no revision 'v1' to pin"):
+        dsq.load_quantized(tiny, revision="v1")
+    assert_one_line_error(cli("inspect", "deepseek-v3"), "deepseek-v3", "deepseek-v2-lite, deepseek-v2")
+
+
 def test_bad_flags(tiny):
     assert_one_line_error(cli("generate", str(tiny), "--prompt", "1 x", "--ids"), "--prompt")
     assert_one_line_error(cli("generate", str(tiny), "--prompt", "1", "--ids", "--top-p", "0"), "--top-p")
