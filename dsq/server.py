@@ -3,8 +3,8 @@
 FastAPI (on Starlette) and uvicorn, the ASGI stack vLLM and SGLang serve on. Each HTTP request becomes one
 engine request whose stream callback feeds an asyncio queue on the server's event loop; the text is decoded
 piece by piece and cut at the first `stop` string, also when it spans pieces. A client that disconnects
-cancels its request, which frees its pages at the engine's next step. Errors carry OpenAI's body,
-{"error": {"message", "type", "param", "code"}}."""
+cancels its request, which frees its pages at the engine's next step. Errors carry OpenAI's body
+(dsq/protocol.py, with the request bodies)."""
 
 from __future__ import annotations
 
@@ -20,56 +20,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
-from dsq.engine import Engine, SamplingParams
+from dsq.engine import Engine, SamplingError, SamplingParams
 from dsq.errors import DsqError
 from dsq.memory import CONTEXT
+from dsq.protocol import ApiError, ChatBody, CompletionBody, Sampled
 from dsq.tokenizer import TextStream, Tokenizer
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.body = status, {"message": message, "type": type, "param": param, "code": code}
-
-
-class Sampled(BaseModel):
-    """The fields both endpoints share; unknown fields are ignored, known ones must have their type."""
-
-    model_config = ConfigDict(strict=True, extra="ignore")
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    n: int = 1
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict[str, bool] | None = None
-
-    @field_validator("temperature", "top_p", "top_k", "n", "stream", mode="before")
-    @classmethod
-    def _null_is_the_default(cls, value: Any, info: ValidationInfo) -> Any:
-        """Clients (LangChain among them) send null for a field they leave unset."""
-        return cls.model_fields[info.field_name].default if value is None else value
-
-
-class CompletionBody(Sampled):
-    prompt: str | list[int]
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    role: str
-    content: str
-
-
-class ChatBody(Sampled):
-    messages: list[Message]
-    max_completion_tokens: int | None = None
 
 
 class StopStrings:
@@ -127,7 +83,10 @@ class Generation:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-def _engine_failed() -> ApiError:
+def _ended(gen: Generation) -> ApiError:
+    """The error of a request the engine did not finish: it failed, or the server is shutting down."""
+    if gen.finish_reason == "shutdown":
+        return ApiError(503, "the server shut down before this request finished; retry it", type="server_error")
     return ApiError(500, "the engine failed on this request; the server log has the traceback", type="server_error")
 
 
@@ -163,6 +122,10 @@ def create_app(engine: Engine, tokenizer: Tokenizer, served_model_name: str, api
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0]
+        if first["type"] == "json_invalid":  # its loc is the character position
+            where = f"at character {first['loc'][-1]}" if len(first["loc"]) > 1 else ""
+            return await api_error(request, ApiError(400, f"the body is not valid JSON ({first['ctx']['error']} "
+                                                     f"{where}); send a JSON object"))
         field = ".".join(str(x) for x in first["loc"] if x != "body")
         return await api_error(request, ApiError(400, f"{field or 'body'}: {first['msg']}", param=field or None))
 
@@ -182,17 +145,22 @@ def create_app(engine: Engine, tokenizer: Tokenizer, served_model_name: str, api
             raise ApiError(400, f"n must be 1, got {body.n}", param="n")
         if max_tokens is not None and max_tokens < 1:
             raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
-        room = max_model_len - len(prompt)
-        if room < 1 or (max_tokens or 0) > room:
+        room, what = max_model_len - len(prompt), "messages" if isinstance(body, ChatBody) else "prompt"
+        if not prompt:
+            raise ApiError(400, "the prompt is empty; give at least one token", param="prompt")
+        if room < 1:
+            raise ApiError(400, f"this model's maximum context length is {max_model_len} tokens and the prompt has "
+                           f"{len(prompt)}; shorten it", param=what)
+        if (max_tokens or 0) > room:
             raise ApiError(400, f"this model's maximum context length is {max_model_len} tokens; the prompt has "
-                           f"{len(prompt)} and max_tokens asks for {max_tokens or 1} more", param="max_tokens")
+                           f"{len(prompt)} and max_tokens asks for {max_tokens} more", param="max_tokens")
         if any(not 0 <= t < tokenizer.tk.get_vocab_size() for t in prompt):
             raise ApiError(400, f"prompt token ids must be in [0, {tokenizer.tk.get_vocab_size()})", param="prompt")
         try:
             return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
                                   max_tokens=max_tokens or room, stop_token_ids=(tokenizer.eos_id,))
-        except DsqError as e:
-            raise ApiError(400, str(e)) from None
+        except SamplingError as e:
+            raise ApiError(400, str(e), param=e.field) from None
 
     async def respond(request: Request, body: Sampled, prompt: list[int], max_tokens: int | None, chat: bool):
         params = sampling(body, max_tokens, prompt)
@@ -223,8 +191,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, served_model_name: str, api
                     yield _sse(dict(chunk, choices=[dict(choice("", None, True), delta={"role": "assistant"})]))
                 async for piece in gen.pieces():
                     yield _sse(dict(chunk, choices=[choice(piece, None, True)]))
-                if gen.finish_reason == "error":
-                    yield _sse({"error": _engine_failed().body})
+                if gen.finish_reason in ("error", "shutdown"):
+                    yield _sse({"error": _ended(gen).body})
                     return
                 yield _sse(dict(chunk, choices=[choice("", gen.finish_reason, True)]))
                 if (body.stream_options or {}).get("include_usage"):
@@ -237,8 +205,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, served_model_name: str, api
             text = "".join([piece async for piece in gen.pieces()])
         finally:
             watcher.cancel()
-        if gen.finish_reason == "error":
-            raise _engine_failed()
+        if gen.finish_reason in ("error", "shutdown"):
+            raise _ended(gen)
         return dict(head, object="chat.completion" if chat else "text_completion",
                     choices=[choice(text, gen.finish_reason, False)], usage=gen.usage())
 
@@ -272,7 +240,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, served_model_name: str, api
 def serve(engine: Engine, tokenizer: Tokenizer, served_model_name: str, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_model_len: int = CONTEXT, queue_limit: int = 256) -> None:
     """Serve until SIGINT or SIGTERM, then stop cleanly: no new connections, the engine stops and cancels the
-    requests in flight, so their responses end (a stream with its last chunk and [DONE]) and the process exits 0."""
+    requests in flight, so their responses end (503, or a stream's error event) and the process exits 0."""
     import uvicorn
 
     class Server(uvicorn.Server):

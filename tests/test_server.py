@@ -151,14 +151,59 @@ LONG = " ".join(f"word{i}" for i in range(CONTEXT))  # more tokens than the cont
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"max_tokens": -1}, "max_tokens"), ({"max_tokens": CONTEXT}, "max_tokens"),
-    ({"messages": [{"role": "user", "content": LONG}]}, "max_tokens"), ({"temperature": "hot"}, "temperature"),
-    ({"n": 2}, "n"), ({"top_p": 0}, None), ({"messages": "hello"}, "messages"),
+    ({"messages": [{"role": "user", "content": LONG}]}, "messages"), ({"temperature": "hot"}, "temperature"),
+    ({"n": 2}, "n"), ({"top_p": 0}, "top_p"), ({"extra_body": {"top_k": -1}}, "top_k"),
+    ({"messages": "hello"}, "messages"),
+    ({"messages": []}, "messages"), ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages.0.content"),
 ])
 def test_bad_requests_get_400_with_the_openai_error_body(served, body, param):
     with pytest.raises(openai.BadRequestError) as e:
         chat(served[1], **body)
     assert e.value.status_code == 400 and set(e.value.body) == {"message", "type", "param", "code"}
     assert e.value.body["param"] == param, e.value.body["message"]
+
+
+def test_content_as_text_parts_is_the_same_message(served):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello there, "}, {"type": "text",
+                                                                                   "text": "how are you?"}]}]
+    assert chat(served[1], messages=parts).choices[0].message.content == chat(served[1]).choices[0].message.content
+
+
+def test_an_empty_prompt_and_a_body_that_is_not_json_name_what_is_wrong(served):
+    with pytest.raises(openai.BadRequestError) as e:
+        served[1].completions.create(model=NAME, prompt=[], max_tokens=2)
+    assert e.value.body["param"] == "prompt" and "empty" in e.value.body["message"]
+    r = httpx.post(str(served[1].base_url) + "chat/completions", content=b'{"messages": [}',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] is None, r.text
+    assert "not valid JSON" in r.json()["error"]["message"] and "character" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_cut_by_shutdown_is_an_error_not_a_finished_answer(folder, stream):
+    with server(folder) as (engine, url):
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+        engine.runner.running.clear()  # the request cannot finish before the engine stops
+
+        def ask():
+            if not stream:
+                return chat(client, max_tokens=300)
+            return "".join(c.choices[0].delta.content or "" for c in chat(client, stream=True, max_tokens=300))
+
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(ask)
+            wait_for(lambda: engine.requests, "the request to reach the engine")
+            stopping = threading.Thread(target=engine.stop)
+            stopping.start()
+            wait_for(lambda: engine._stopping, "the engine to be told to stop")
+            engine.runner.running.set()
+            stopping.join()
+            with pytest.raises(openai.APIError) as e:
+                answer.result()
+        assert "shut down before this request finished" in str(e.value)
+        assert engine.pool.used == 0
 
 
 def test_an_unknown_model_is_404(served):

@@ -100,7 +100,7 @@ class Engine:
         for req in inbox:
             self.scheduler.add(req)
         for req in cancelled:
-            self._finish(req, "cancelled")
+            self._finish(req, req.cancel_reason)
         planned = self.scheduler.schedule()
         if planned is None:
             return
@@ -145,7 +145,7 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the loop thread; requests still unfinished are cancelled."""
+        """Stop the loop thread; requests still unfinished end with finish_reason "shutdown"."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
@@ -155,7 +155,7 @@ class Engine:
         with self._wake:
             unfinished = list(self.requests.values())
         for req in unfinished:
-            req.cancel()
+            req.cancel("shutdown")
         self.step()
 
     def _loop(self) -> None:

@@ -62,8 +62,8 @@ _ids = itertools.count()
 
 class Request:
     """`stream`, when given, is called from the engine's thread with each new token id, then once with None when
-    the request finishes (`finish_reason` is then "stop", "length", "cancelled", or "error" when a step of the
-    engine failed)."""
+    the request finishes (`finish_reason` is then "stop", "length", "cancelled", "shutdown" when the engine
+    stopped before it finished, or "error" when a step of the engine failed)."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, stream: Callable[[int | None], None] | None = None):
         if not prompt:
@@ -74,7 +74,7 @@ class Request:
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.done = threading.Event()
-        self.cancel_requested = False
+        self.cancel_requested, self.cancel_reason = False, "cancelled"
         # Where its cache stands, kept by the scheduler: the pages holding positions 0.., how many positions are
         # written, and the hashes of its full blocks registered for reuse (dsq/engine/pages.py).
         self.pages: list[int] = []
@@ -86,9 +86,9 @@ class Request:
     def output(self) -> list[int]:
         return self.tokens[self.num_prompt:]
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = "cancelled") -> None:
         """Ask the engine to stop this request; safe from any thread, takes effect before the engine's next step."""
-        self.cancel_requested = True
+        self.cancel_requested, self.cancel_reason = True, reason
 
     def finish(self, reason: str) -> None:
         self.status, self.finish_reason = Status.FINISHED, reason

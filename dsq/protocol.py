@@ -1,0 +1,64 @@
+"""The OpenAI API's request bodies as dsq's server reads them, and its error body
+({"error": {"message", "type", "param", "code"}})."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, {"message": message, "type": type, "param": param, "code": code}
+
+
+class Sampled(BaseModel):
+    """The fields both endpoints share; unknown fields are ignored, known ones must have their type."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    n: int = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict[str, bool] | None = None
+
+    @field_validator("temperature", "top_p", "top_k", "n", "stream", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """Clients (LangChain among them) send null for a field they leave unset."""
+        return cls.model_fields[info.field_name].default if value is None else value
+
+
+class CompletionBody(Sampled):
+    prompt: str | list[int]
+
+
+class Message(BaseModel):
+    """One chat message; content as a string or as OpenAI's text parts ([{"type": "text", "text": ...}])."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    role: Literal["system", "user", "assistant"]  # what the DeepSeek-V2 chat template renders
+    content: str | list[dict[str, Any]]
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, content: str | list[dict[str, Any]]) -> str:
+        if isinstance(content, str):
+            return content
+        kinds = [p.get("type") for p in content if p.get("type") != "text" or not isinstance(p.get("text"), str)]
+        if kinds:
+            raise ValueError(f"only text parts ({{'type': 'text', 'text': ...}}) are read, not {kinds[0]!r}")
+        return "".join(p["text"] for p in content)
+
+
+class ChatBody(Sampled):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None
