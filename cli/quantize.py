@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,6 +14,15 @@ from dsq.errors import DsqError
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
          "GIB": 2**30, "TIB": 2**40}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (from `timeout`, a job scheduler, `kill`), taken as Ctrl-C is: the finished shards are kept, the
+    lock and the partial shard go, and the user is told how to resume."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def parse_size(text: str) -> int:
@@ -60,13 +70,17 @@ def quantize(
                    group_size=group_size, symmetric=not asymmetric, clip_search=clip_search,
                    fp8_block=fp8_scales == "block", keep_dtype=keep_dtype)
     console = Console()
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         report = run(src, out, opts, revision=revision, shard_size=parse_size(shard_size), device=device,
                      force=force, console=console)
-    except KeyboardInterrupt:  # every finished shard is kept: the same command picks up from there
-        Console(stderr=True).print(f"[yellow]interrupted:[/] the finished shards in {out} are kept; run the same "
+    except KeyboardInterrupt as e:  # every finished shard is kept: the same command picks up from there
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        Console(stderr=True).print(f"[yellow]{what}:[/] the finished shards in {out} are kept; run the same "
                                    "command again to resume", soft_wrap=True, highlight=False)
-        raise typer.Exit(130) from None
+        raise typer.Exit(128 + signal.SIGTERM if isinstance(e, Terminated) else 130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     console.print(report.table())
     for warning in reader_warnings(opts):
         console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True, highlight=False)

@@ -205,6 +205,33 @@ def test_ctrl_c_says_how_to_resume_and_the_same_command_finishes(src, tmp_path, 
     assert hashes(out) == hashes(tmp_path / "fresh")
 
 
+SIGTERM_CHILD = """import os, signal, sys
+from dsq.cli.main import app
+from dsq.quantize import run
+convert, calls = run.convert_tensor, [0]
+def wrapped(*args, **kwargs):  # SIGTERM once the 40th tensor is converted, as `timeout` or a scheduler sends it
+    record = convert(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == 40:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return record
+run.convert_tensor = wrapped
+app(args=["quantize", *sys.argv[1:], "--shard-size", "100000"], prog_name="dsq")
+"""
+
+
+def test_sigterm_is_taken_as_ctrl_c(src, tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", SIGTERM_CHILD, str(src), str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 143, done.stderr
+    assert "terminated: the finished shards" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    kept = hashes(out)
+    assert kept and not (out / LOCK).exists() and not list(out.glob("*tmp"))
+    code, text, err = cli(str(src), str(out))
+    assert code == 0 and f"({len(kept)} resumed)" in " ".join(text.split()), err
+
+
 def test_an_unfinished_run_names_its_whole_command(src, tmp_path, monkeypatch):
     """The hints give the interrupted run's options, so the command they print is the one that resumes it."""
     out = tmp_path / "out"
