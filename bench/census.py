@@ -275,7 +275,7 @@ def step(net, batch: int, tokens: int, context: int, threshold: int) -> tuple[Ce
     for i in range(batch):
         pages = list(range(i * per_seq, (i + 1) * per_seq))
         pos = list(range(context, context + tokens))
-        seqs.append(SeqSlice(i, i * tokens, tokens, context + tokens, pages, True))
+        seqs.append(SeqSlice(i * tokens, tokens, context + tokens, pages, True))
         slots += [pages[p // page] * page + p % page for p in pos]
         positions += pos
     ids = torch.randint(0, net.cfg.vocab_size, (batch * tokens,)).tolist()

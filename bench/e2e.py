@@ -76,7 +76,7 @@ def one_step(net, n: int, context: int):
     positions = list(range(context - n, context))
     ids = torch.randint(0, net.cfg.vocab_size, (n,)).tolist()
     step = StepBatch(ids, positions, [pages[p // page] * page + p % page for p in positions],
-                     [SeqSlice(0, 0, n, context, pages, True)])
+                     [SeqSlice(0, n, context, pages, True)])
     return ModelRunner(net, len(pages), page), step
 
 

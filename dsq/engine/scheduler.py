@@ -23,7 +23,6 @@ class SeqSlice:
     positions `context - length .. context - 1`; `pages` is its page table; `logits` says whether the step
     wants the next-token logits after its last new token (decodes and the last chunk of a prefill)."""
 
-    request_id: int
     start: int
     length: int
     context: int
@@ -129,7 +128,7 @@ class Scheduler:
         tokens, positions, slots, seqs, b = [], [], [], [], self.pool.page_size
         for req, n in planned:
             all_tokens, first = req.tokens, req.computed
-            seqs.append(SeqSlice(req.id, len(tokens), n, first + n, list(req.pages), first + n == len(all_tokens)))
+            seqs.append(SeqSlice(len(tokens), n, first + n, list(req.pages), first + n == len(all_tokens)))
             tokens += all_tokens[first:first + n]
             positions += range(first, first + n)
             slots += [req.pages[p // b] * b + p % b for p in range(first, first + n)]
