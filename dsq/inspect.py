@@ -100,7 +100,7 @@ def describe_preset(name: str, console: Console) -> None:
     user can plan before downloading."""
     from dsq.cache import bytes_per_token
     from dsq.loader import hf_tensors
-    from dsq.memory import memory_plan
+    from dsq.memory import PREFILL, memory_plan
 
     cfg = Config.preset(name)
     console.print(f"[bold]{name}[/] (preset: the published config, nothing downloaded)", highlight=False)
@@ -118,7 +118,7 @@ def describe_preset(name: str, console: Console) -> None:
     console.print(table)
     per_token = bytes_per_token(cfg, "fp8")
     table = Table("scheme", *(f"{g} GB" for g in GPUS), title=f"tokens of cache one GPU holds (90% of its "
-                  f"memory, FP8 latent cache {size(per_token)} per token, 4096-token prefill)")
+                  f"memory, FP8 latent cache {size(per_token)} per token, {PREFILL}-token prefill)")
     for scheme, b in by_scheme.items():
         tokens = [memory_plan(cfg, sum(b.values()), int(gb * 1e9), int(gb * 1e9), need_tokens=0).cache_tokens
                   for gb in GPUS]
