@@ -6,7 +6,13 @@ code."""
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"dsq": ROOT / "dsq", "dsq.engine": ROOT / "dsq" / "engine", "dsq.kernels": ROOT / "kernels",
@@ -139,3 +145,21 @@ def test_product_files_are_short_and_free_of_test_hooks():
         text = path.read_text()
         assert len(text.splitlines()) <= 300, f"{path.relative_to(ROOT)}: {len(text.splitlines())} lines"
         assert "DSQ_TEST_" not in text, f"{path.relative_to(ROOT)} holds a test hook"
+
+
+def test_the_wheel_holds_every_module(tmp_path):
+    """`pip install dsq` (a wheel, not the editable install the tests run on) gets every module and the chat
+    template: a package left out of pyproject's list installs without it, and `import dsq` fails."""
+    pytest.importorskip("setuptools")
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "tests",
+                                                             "bench*", "docs", ".ci"))
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                           "-w", str(tmp_path / "wheel"), str(src)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    held = set(zipfile.ZipFile(wheel).namelist())
+    want = {f"{package.replace('.', '/')}/{p.name}" for package, folder in PACKAGES.items() for p in folder.iterdir()
+            if p.suffix in (".py", ".jinja")}
+    assert want <= held, sorted(want - held)
+
