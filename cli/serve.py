@@ -47,7 +47,8 @@ def check_port(host: str, port: int) -> None:
 def pool_pages(net, max_model_len: int) -> int:
     """Pages of the pool: on a GPU, what the memory planner left for the cache at load (net.cache_tokens);
     on CPU, room for CPU_SERVE_SEQUENCES sequences of max_model_len tokens."""
-    from dsq.engine.runner import PAGE_SIZE, planned_pages
+    from dsq.cache import PAGE_SIZE
+    from dsq.engine.runner import planned_pages
 
     pages = planned_pages(net, CPU_SERVE_SEQUENCES * max_model_len)
     if pages * PAGE_SIZE < max_model_len:

@@ -18,7 +18,7 @@ from dsq.engine.runner import ModelRunner, follow, full_forward, planned_pages, 
 from dsq.errors import DsqError
 from dsq.formats import SCHEMES, Scheme
 from dsq.launch import Job, check_split, init, leave, spawn
-from dsq.layers import BACKENDS
+from dsq.layers import check_backend
 from dsq.loader import load_model
 from dsq.memory import CONTEXT, CPU_MODEL_SEQUENCES, check_fits
 from dsq.model import Transformer
@@ -93,8 +93,7 @@ def _options(device: str | torch.device, dtype: torch.dtype | str | None, backen
         dtype = TORCH_DTYPES[dtype]
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     backend = backend or ("triton" if device.type == "cuda" else "torch")
-    if backend not in BACKENDS:
-        raise DsqError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    check_backend(backend)  # before the folder is read or other ranks are spawned
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise DsqError(f"kv_cache_dtype {kv_cache_dtype!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
     if quantize not in (None, *SCHEMES):
