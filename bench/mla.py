@@ -64,10 +64,10 @@ def _time_us(fn: Callable[[], object], iters: int, flush: torch.Tensor) -> float
     return statistics.median(times)
 
 
-def _table(batch: int, ctx: int, num_blocks: int, gen: torch.Generator) -> torch.Tensor:
-    """Each sequence gets ctx / PAGE blocks scattered over the whole pool."""
+def _table(batch: int, ctx: int, num_pages: int, gen: torch.Generator) -> torch.Tensor:
+    """Each sequence gets ctx / PAGE pages scattered over the whole pool."""
     need = batch * ctx // PAGE
-    return torch.randperm(num_blocks, generator=gen)[:need].view(batch, -1).int().cuda()
+    return torch.randperm(num_pages, generator=gen)[:need].view(batch, -1).int().cuda()
 
 
 def _measure(pool: LatentPool, kind: str, h: int, batch: int, ctx: int, iters: int, flush: torch.Tensor,
