@@ -98,7 +98,7 @@ class Census(TorchDispatchMode):
                     nbytes = nbytes * len(self.routed) // w.shape[0]  # stacked experts: the routed ones
                 self.tally().weight_bytes += nbytes
             elif ptr in self.cache_ptrs:
-                part = self.cache_ptrs[ptr]  # [blocks, block_size, ...]: what the sequences' tokens use of it
+                part = self.cache_ptrs[ptr]  # [pages, page_size, ...]: what the sequences' tokens use of it
                 per_token = part[0, 0].numel() * part.element_size()
                 self.tally().cache_bytes += per_token * (self.cache_tokens * self.cache_seqs if cache_tokens is None
                                                          else cache_tokens)
@@ -149,7 +149,7 @@ class Census(TorchDispatchMode):
 
 
 def _tensors(pool) -> list[torch.Tensor]:
-    """The tensors of one layer's cache pool (a tuple of [blocks, block_size, ...] parts)."""
+    """The tensors of one layer's cache pool (a tuple of [pages, page_size, ...] parts)."""
     return [t for t in pool if isinstance(t, torch.Tensor)]
 
 
