@@ -15,10 +15,17 @@ class ApiError(Exception):
         self.status, self.body = status, {"message": message, "type": type, "param": param, "code": code}
 
 
-class Sampled(BaseModel):
-    """The fields both endpoints share; unknown fields are ignored, known ones must have their type."""
+# OpenAI fields that change the answer and that dsq does not implement: refused unless left neutral, so that a
+# client never gets, say, an unpenalized answer to a presence_penalty it asked for. Other unknown fields are ignored.
+UNSUPPORTED = ("frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs", "best_of", "echo",
+               "suffix", "tools", "functions", "response_format")
+NEUTRAL = {"best_of": (None, 1), "response_format": (None, {"type": "text"})}  # the rest: None, 0 (or False), {}, []
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+
+class Sampled(BaseModel):
+    """The fields both endpoints share; known ones must have their type, unknown ones are kept (`unsupported`)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
     model: str | None = None
     max_tokens: int | None = None
     temperature: float = 1.0
@@ -35,6 +42,12 @@ class Sampled(BaseModel):
     def _null_is_the_default(cls, value: Any, info: ValidationInfo) -> Any:
         """Clients (LangChain among them) send null for a field they leave unset."""
         return cls.model_fields[info.field_name].default if value is None else value
+
+    def unsupported(self) -> str | None:
+        """The first field of UNSUPPORTED this request sets to something other than a neutral value."""
+        extra = self.model_extra or {}
+        neutral = lambda k: any(extra[k] == v for v in NEUTRAL.get(k, (None, 0, {}, [])))  # 0 == False
+        return next((k for k in UNSUPPORTED if k in extra and not neutral(k)), None)
 
 
 class CompletionBody(Sampled):

@@ -143,6 +143,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, served_model_name: str, api
                            param="model", code="model_not_found")
         if body.n != 1:
             raise ApiError(400, f"n must be 1, got {body.n}", param="n")
+        if (field := body.unsupported()) is not None:
+            raise ApiError(400, f"{field}: dsq does not implement it; leave it out", param=field)
         if max_tokens is not None and max_tokens < 1:
             raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
         room, what = max_model_len - len(prompt), "messages" if isinstance(body, ChatBody) else "prompt"

@@ -154,7 +154,9 @@ LONG = " ".join(f"word{i}" for i in range(CONTEXT))  # more tokens than the cont
     ({"messages": [{"role": "user", "content": LONG}]}, "messages"), ({"temperature": "hot"}, "temperature"),
     ({"n": 2}, "n"), ({"top_p": 0}, "top_p"), ({"extra_body": {"top_k": -1}}, "top_k"),
     ({"messages": "hello"}, "messages"),
-    ({"messages": []}, "messages"), ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"presence_penalty": 0.5}, "presence_penalty"), ({"logprobs": True}, "logprobs"),
+    ({"response_format": {"type": "json_object"}}, "response_format"), ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages.0.content"),
 ])
@@ -163,6 +165,13 @@ def test_bad_requests_get_400_with_the_openai_error_body(served, body, param):
         chat(served[1], **body)
     assert e.value.status_code == 400 and set(e.value.body) == {"message", "type", "param", "code"}
     assert e.value.body["param"] == param, e.value.body["message"]
+
+
+def test_neutral_values_of_unimplemented_fields_and_unknown_fields_are_accepted(served):
+    """What clients send by default (LangChain: penalties 0, logprobs false) changes nothing, so it is answered."""
+    same = chat(served[1], presence_penalty=0, frequency_penalty=0.0, logprobs=False, user="me",
+                response_format={"type": "text"}, extra_body={"best_of": 1, "some_new_field": 3})
+    assert same.choices[0].message.content == chat(served[1]).choices[0].message.content
 
 
 def test_content_as_text_parts_is_the_same_message(served):
