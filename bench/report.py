@@ -22,8 +22,12 @@ def add_out(parser: argparse.ArgumentParser) -> None:
 
 def stamp() -> dict[str, str]:
     """The run's date (local time, to the second) and commit ("unknown" outside a git checkout)."""
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": git.stdout.strip() or "unknown"}
+    try:  # a machine without git (the GPU machine's copy of the tree) must not cost the measured results
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        commit = git.stdout.strip()
+    except OSError:
+        commit = ""
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit or "unknown"}
 
 
 def save(out: Path, name: str, result: object, markdown: str) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from dsq.cache import KV_CACHE_DTYPES
 from dsq.checkpoint import resolve
-from dsq.engine import Engine, Request, SamplingParams
+from dsq.engine import Engine, Request, SamplingError, SamplingParams
 from dsq.engine.runner import ModelRunner, follow, full_forward, planned_pages, stop_followers
 from dsq.errors import DsqError
 from dsq.formats import SCHEMES, Scheme
@@ -205,7 +205,7 @@ class Model:
         """Complete one prompt or a batch: token ids in, token ids out; text in, text out (needs a tokenizer).
         Greedy at temperature 0; stops at eos, at any `stop` string (cut from the text), or after
         max_new_tokens. `on_token(i, token_id)` streams every new token of prompt i."""
-        params = SamplingParams(temperature, top_p, top_k, seed, max_new_tokens)
+        params = _sampling(temperature, top_p, top_k, seed, max_new_tokens)
         check_stop(stop)
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         batch = [prompts] if single else list(prompts)
@@ -232,7 +232,7 @@ class Model:
              top_p: float = 1.0, top_k: int = 0, stop: list[str] | None = None,
              seed: int | None = None) -> Iterator[str]:
         """Stream the assistant's reply to a conversation ([{"role": ..., "content": ...}]) as text pieces."""
-        params = SamplingParams(temperature, top_p, top_k, seed, max_new_tokens)
+        params = _sampling(temperature, top_p, top_k, seed, max_new_tokens)
         check_stop(stop)
         if self.tokenizer is None:
             raise DsqError(f"{self.folder}: no tokenizer.json, so chat is not possible")
@@ -270,3 +270,13 @@ class Model:
         for s in stop or []:
             text = text.split(s, 1)[0]
         return text
+
+
+def _sampling(temperature: float, top_p: float, top_k: int, seed: int | None, max_new_tokens: int) -> SamplingParams:
+    """SamplingParams of `generate` / `chat`, whose refusals name their arguments (max_new_tokens, not max_tokens)."""
+    try:
+        return SamplingParams(temperature, top_p, top_k, seed, max_new_tokens)
+    except SamplingError as e:
+        field = "max_new_tokens" if e.field == "max_tokens" else e.field
+        raise DsqError(f"{field}={e.value!r}: give {e.rule}") from None
+

@@ -33,8 +33,8 @@ def resolve(path_or_repo: str | Path, revision: str | None = None) -> Path:
         if not path.is_dir():
             raise DsqError(f"{path}: not a folder; give a model folder or a Hub repo id")
         if revision is not None:  # silently ignoring it would load what the user did not pin
-            raise DsqError(f"{path}: is a local folder, which has no revision {revision!r} to pin; drop --revision "
-                           "or give the Hub repo id")
+            raise DsqError(f"{path}: is a local folder, which has no revision {revision!r} to pin; drop the "
+                           "revision (--revision) or give the Hub repo id")
         return path
     name = str(path_or_repo)
     if name.startswith((".", "/", "~")) or name.count("/") != 1:

@@ -101,8 +101,8 @@ def read_config(folder: Path) -> tuple[Config, Scheme]:
     """A model folder's Config and the formats its quantization_config declares."""
     hf_cfg_path = folder / "config.json"
     if not hf_cfg_path.exists() and (folder / PROGRESS).exists():
-        command = f"`{unfinished_command(folder)}`" if unfinished_command(folder) else "the same `dsq quantize` command"
-        how = f"run {command} again to finish it"
+        command = unfinished_command(folder)
+        how = f"run `{command}` again to finish it" if command else "run the same `dsq quantize` command again"
         raise DsqError(f"{folder}: is an unfinished dsq quantize output (no config.json yet); {how}")
     cfg = Config.from_file(hf_cfg_path)  # one line for a missing or invalid file
     hf_cfg = json.loads(hf_cfg_path.read_text())

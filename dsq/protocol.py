@@ -66,9 +66,11 @@ class Message(BaseModel):
     def _text_parts(cls, content: str | list[dict[str, Any]]) -> str:
         if isinstance(content, str):
             return content
-        kinds = [p.get("type") for p in content if p.get("type") != "text" or not isinstance(p.get("text"), str)]
+        kinds = [p.get("type") for p in content if p.get("type") != "text"]
         if kinds:
             raise ValueError(f"only text parts ({{'type': 'text', 'text': ...}}) are read, not {kinds[0]!r}")
+        if not all(isinstance(p.get("text"), str) for p in content):
+            raise ValueError("a text part's 'text' must be a string")
         return "".join(p["text"] for p in content)
 
 

@@ -123,8 +123,8 @@ def create_app(engine: Engine, tokenizer: Tokenizer, served_model_name: str, api
     async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0]
         if first["type"] == "json_invalid":  # its loc is the character position
-            where = f"at character {first['loc'][-1]}" if len(first["loc"]) > 1 else ""
-            return await api_error(request, ApiError(400, f"the body is not valid JSON ({first['ctx']['error']} "
+            where = f" at character {first['loc'][-1]}" if len(first["loc"]) > 1 else ""
+            return await api_error(request, ApiError(400, f"the body is not valid JSON ({first['ctx']['error']}"
                                                      f"{where}); send a JSON object"))
         field = ".".join(str(x) for x in first["loc"] if x != "body")
         return await api_error(request, ApiError(400, f"{field or 'body'}: {first['msg']}", param=field or None))

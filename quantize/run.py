@@ -82,10 +82,12 @@ def quantize(src: str | Path, out: str | Path, opts: Options | None = None, *, r
         raise
 
 
-def command(src: str | Path, revision: str | None, out: Path, opts: Options, shard_size: int) -> str:
+def command(src: str | Path, revision: str | None, out: Path, opts: Options, shard_size: int,
+            device: torch.device) -> str:
     """The `dsq quantize` command line of this run, for the hints that tell how to finish it."""
     words = ["dsq", "quantize", str(src), str(out), *(w for f in opts.flags() for w in f.split())]
     words += ["--shard-size", str(shard_size)] if shard_size != SHARD_SIZE else []
+    words += ["--device", str(device)] if device.type != "cpu" else []
     return shlex.join(words + (["--revision", revision] if revision else []))
 
 
@@ -100,7 +102,7 @@ def _run(ckpt: Checkpoint, src: str | Path, revision: str | None, out: Path, hf_
     pending = [s for s in shards if s.name not in done]
     check_space(out, sum(s.size for s in pending))
     state = {"dsq_version": dsq.__version__, **key, "source": str(src), "command": command(src, revision, out, opts,
-                                                                                        key["shard_size"]),
+                                                                                        key["shard_size"], dev),
              "source_files": sources, "done": done,
              "tensors": {t.name: tensors[t.name] for s in shards if s.name in done for t in s.tasks}}
     atomic_write(out / PROGRESS, json.dumps(state))

@@ -210,6 +210,13 @@ def test_generate_and_chat_arguments(model, kwargs, fragment):
         next(model.chat([{"role": "user", "content": "hi"}], **kwargs))
 
 
+def test_sampling_refusals_name_the_api_arguments(model):
+    with raises_one_line("max_new_tokens=0: give an integer >= 1"):
+        model.generate([1, 2], max_new_tokens=0)
+    with raises_one_line("top_p=0: give"):
+        next(model.chat([{"role": "user", "content": "hi"}], top_p=0))
+
+
 def test_cpu_cache_larger_than_memory_is_refused_before_allocating(model, monkeypatch):
     """A cache of twice the memory available now (so memory freed meanwhile cannot make it fit) is one
     sentence saying what to change, and no pool is allocated."""

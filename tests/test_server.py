@@ -158,7 +158,8 @@ LONG = " ".join(f"word{i}" for i in range(CONTEXT))  # more tokens than the cont
     ({"response_format": {"type": "json_object"}}, "response_format"), ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-     "messages.0.content"),
+     "messages.0.content"), ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+                             "messages.0.content"),
 ])
 def test_bad_requests_get_400_with_the_openai_error_body(served, body, param):
     with pytest.raises(openai.BadRequestError) as e:

@@ -147,6 +147,12 @@ def test_product_files_are_short_and_free_of_test_hooks():
         assert "DSQ_TEST_" not in text, f"{path.relative_to(ROOT)} holds a test hook"
 
 
+def test_every_package_folder_is_listed():
+    """PACKAGES (and so the wheel test, which holds pyproject's list against it) names every package folder."""
+    roots = {ROOT / "dsq", ROOT / "kernels", ROOT / "quantize", ROOT / "cli"}
+    assert {p.parent for root in roots for p in root.rglob("__init__.py")} == set(PACKAGES.values())
+
+
 def test_the_wheel_holds_every_module(tmp_path):
     """`pip install dsq` (a wheel, not the editable install the tests run on) gets every module and the chat
     template: a package left out of pyproject's list installs without it, and `import dsq` fails."""
